@@ -1,0 +1,240 @@
+"""The typed, validated configuration of Freshet: one home for every knob.
+
+A config is read once from YAML (default ``conf/freshet.yaml``), overridden by environment variables
+``FRESHET_<SECTION>__<KEY>`` and validated; a bad value raises :class:`ConfigError` naming the key.
+
+>>> cfg = load_config(env={"FRESHET_MODEL__DIM": "16"})
+>>> cfg.model.dim, cfg.kafka.input_topic
+(16, 'behavior-events')
+>>> try:
+...     load_config(env={"FRESHET_MODEL__K": "0"})
+... except ConfigError as e:
+...     print(e)
+model.k must be >= 1, got 0
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("freshet.yaml")
+ENV_PREFIX = "FRESHET_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "behavior-events"
+    output_topic: str = "recommendations"
+    dlq_topic: str = "behavior-events-dlq"
+    group_id: str = "freshet"
+    partitions: int = 2
+    transaction_timeout_ms: int = 600000
+    security: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(bool(self.bootstrap_servers), "kafka.bootstrap_servers must not be empty")
+        topics = [self.input_topic, self.output_topic, self.dlq_topic]
+        _require(all(topics), "kafka topics must not be empty")
+        _require(len(set(topics)) == 3, f"kafka input, output and dead-letter topics must differ, got {topics}")
+        _require(self.partitions >= 1, f"kafka.partitions must be >= 1, got {self.partitions}")
+        _require(
+            0 < self.transaction_timeout_ms <= 900000,
+            "kafka.transaction_timeout_ms must be in (0, 900000] (the broker's default maximum is 15 min)",
+        )
+
+    def client_properties(self) -> dict[str, str]:
+        """Properties common to every Kafka client (producer, consumer, admin, Flink connector)."""
+        return {"bootstrap.servers": self.bootstrap_servers, **{k: str(v) for k, v in self.security.items()}}
+
+    def __repr__(self) -> str:  # secrets never reach logs
+        hidden = {k: "***" for k in self.security}
+        return (f"KafkaConfig(bootstrap_servers={self.bootstrap_servers!r}, input_topic={self.input_topic!r}, "
+                f"output_topic={self.output_topic!r}, dlq_topic={self.dlq_topic!r}, security={hidden})")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    home: str = ".freshet"
+    kafka_port: int = 9092
+    zookeeper_port: int = 2181
+    flink_rest_port: int = 8081
+
+    def home_path(self, root: Path | None = None) -> Path:
+        """The git-ignored state folder, relative paths taken from the project root."""
+        p = Path(self.home)
+        return p if p.is_absolute() else (root or PROJECT_ROOT) / p
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    behaviors: tuple[str, ...] = ("view", "click", "cart", "fav", "buy", "rate")
+    weights: Mapping[str, float] = field(default_factory=lambda: {
+        "view": 1.0, "click": 2.0, "cart": 3.0, "fav": 3.0, "buy": 5.0, "rate": 1.0})
+    rate_min_value: float = 0.0
+    max_id_bytes: int = 256
+    max_message_bytes: int = 65536
+    max_future_ms: int = 86400000
+    dedup_horizon_ms: int = 3600000
+
+    def __post_init__(self):
+        object.__setattr__(self, "behaviors", tuple(self.behaviors))
+        _require(len(self.behaviors) > 0, "events.behaviors must list at least one behaviour")
+        missing = [b for b in self.behaviors if b not in self.weights]
+        _require(not missing, f"events.weights lacks a weight for {missing}")
+        _require(all(float(w) >= 0 for w in self.weights.values()), "events.weights must be >= 0")
+        _require(1 <= self.max_id_bytes <= 4096, "events.max_id_bytes must be in [1, 4096]")
+        _require(self.max_message_bytes >= 64, "events.max_message_bytes must be >= 64")
+        _require(self.max_future_ms >= 0, "events.max_future_ms must be >= 0")
+        _require(self.dedup_horizon_ms >= 0, "events.dedup_horizon_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    size_ms: int = 60000
+    out_of_orderness_ms: int = 5000
+    idleness_ms: int = 30000
+    max_items_per_increment: int = 500
+
+    def __post_init__(self):
+        _require(self.size_ms >= 1, f"window.size_ms must be >= 1, got {self.size_ms}")
+        _require(self.out_of_orderness_ms >= 0, "window.out_of_orderness_ms must be >= 0")
+        _require(self.idleness_ms >= 0, "window.idleness_ms must be >= 0 (0 disables idleness)")
+        _require(self.max_items_per_increment >= 1, "window.max_items_per_increment must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 32
+    learning_rate: float = 0.05
+    negatives: int = 8
+    l2: float = 1e-5
+    batch_size: int = 512
+    flush_ms: int = 200
+    k: int = 10
+    exclude_seen: bool = True
+    initial_capacity: int = 1024
+    seed: int = 7
+    device: str = "auto"
+
+    def __post_init__(self):
+        _require(self.dim >= 1, f"model.dim must be >= 1, got {self.dim}")
+        _require(self.learning_rate > 0, f"model.learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.negatives >= 1, f"model.negatives must be >= 1, got {self.negatives}")
+        _require(self.l2 >= 0, "model.l2 must be >= 0")
+        _require(self.batch_size >= 1, f"model.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.flush_ms >= 1, f"model.flush_ms must be >= 1, got {self.flush_ms}")
+        _require(self.k >= 1, f"model.k must be >= 1, got {self.k}")
+        _require(self.initial_capacity >= 2, "model.initial_capacity must be >= 2")
+        _require(self.device in ("auto", "cpu", "gpu"), f"model.device must be auto|cpu|gpu, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class FlinkConfig:
+    parallelism: int = 1
+    execution_mode: str = "thread"
+    checkpoint_interval_ms: int = 10000
+    state_backend: str = "rocksdb"
+    delivery_guarantee: str = "exactly-once"
+    transactional_id_prefix: str = "freshet"
+
+    def __post_init__(self):
+        _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
+        _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")
+        _require(self.checkpoint_interval_ms >= 0, "flink.checkpoint_interval_ms must be >= 0 (0 disables)")
+        _require(self.state_backend in ("rocksdb", "hashmap"), "flink.state_backend must be rocksdb|hashmap")
+        _require(self.delivery_guarantee in ("exactly-once", "at-least-once", "none"),
+                 "flink.delivery_guarantee must be exactly-once|at-least-once|none")
+        _require(not (self.delivery_guarantee == "exactly-once" and self.checkpoint_interval_ms == 0),
+                 "flink.delivery_guarantee exactly-once needs checkpointing: set flink.checkpoint_interval_ms > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flink: FlinkConfig = field(default_factory=FlinkConfig)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "Config":
+        """A copy with some keys changed: ``cfg.replace(model={"dim": 8})``."""
+        return _build({name: {**dataclasses.asdict(getattr(self, name)), **sections.get(name, {})}
+                       for name in _SECTION_TYPES})
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_SECTION_TYPES = {"kafka": KafkaConfig, "local": LocalConfig, "events": EventsConfig,
+                  "window": WindowConfig, "model": ModelConfig, "flink": FlinkConfig}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        _require(isinstance(value, (str, int)), f"{where} must be a string, got {value!r}")
+        value = str(value)
+    elif isinstance(default, (tuple, list)):
+        _require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        value = tuple(str(v) for v in value)
+    elif isinstance(default, Mapping):
+        _require(isinstance(value, Mapping), f"{where} must be a mapping, got {value!r}")
+        value = dict(value)
+    return value
+
+
+def _build(raw: Mapping[str, Any]) -> Config:
+    unknown = set(raw) - set(_SECTION_TYPES)
+    _require(not unknown, f"unknown config section(s) {sorted(unknown)}; known: {sorted(_SECTION_TYPES)}")
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = dict(raw.get(name) or {})
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        bad = set(values) - known
+        _require(not bad, f"unknown key(s) {sorted(bad)} in section '{name}'; known: {sorted(known)}")
+        for key, value in values.items():
+            values[key] = _coerce(name, key, value, getattr(defaults, key))
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read YAML from ``path`` (default ``conf/freshet.yaml``), apply ``FRESHET_<SECTION>__<KEY>`` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    _require(isinstance(raw, dict), f"{path}: top level must be a mapping of sections")
+    env = os.environ if env is None else env
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue
+        section, _, key = var[len(ENV_PREFIX):].partition("__")
+        section, key = section.lower(), key.lower()
+        _require(section in _SECTION_TYPES, f"{var}: unknown config section '{section}'")
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {})
+        raw[section][key] = yaml.safe_load(text) if text != "" else ""
+    return _build(raw)

@@ -1,0 +1,242 @@
+"""Online matrix factorisation with a BPR loss, in TensorFlow, learning one micro-batch per step.
+
+Embedding tables grow as new user and item ids arrive (no vocabulary declared up front): rows are
+allocated in a capacity that doubles when full. Each micro-batch is one ``tf.function`` step that
+touches only the rows it gathers (sparse updates), so a step costs O(batch), not O(catalogue).
+
+Score of user u for item i: ``<U[u], V[i]> + b[i]``; the item bias carries popularity, so a user the
+model barely knows still gets a sensible list.
+
+>>> from freshet.conf.settings import ModelConfig
+>>> from freshet.models.increments import Increment
+>>> m = OnlineMF(ModelConfig(dim=4, initial_capacity=2, seed=1))
+>>> stats = m.learn_many([Increment("u1", 60, ("a", "b"), (1.0, 2.0), (1, 1), 2),
+...                       Increment("u2", 60, ("c",), (1.0,), (1,), 1)])
+>>> stats.pairs, m.version, m.n_users, m.n_items
+(3, 1, 2, 3)
+>>> rec = m.recommend(["u1"], k=5)[0]
+>>> rec.items   # u1 has seen a and b: only c is left
+['c']
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from freshet.conf.settings import ModelConfig  # noqa: E402
+from freshet.models.base import Recommendation, Recommender, StepStats  # noqa: E402
+from freshet.models.increments import Increment  # noqa: E402
+
+
+class IdIndex:
+    """Maps external string ids to dense rows 0..n-1, in order of first appearance.
+
+    >>> ix = IdIndex(); ix.add("x"), ix.add("y"), ix.add("x"), ix.get("z"), len(ix)
+    (0, 1, 0, None, 2)
+    """
+
+    def __init__(self, ids: Sequence[str] = ()):
+        self.ids: list[str] = list(ids)
+        self.rows: dict[str, int] = {k: r for r, k in enumerate(self.ids)}
+
+    def add(self, key: str) -> int:
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = len(self.ids)
+            self.ids.append(key)
+        return row
+
+    def get(self, key: str) -> int | None:
+        return self.rows.get(key)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def pick_device(preference: str) -> str:
+    """``/GPU:0`` when asked for (or ``auto``) and TensorFlow sees a GPU, else ``/CPU:0``."""
+    gpus = tf.config.list_physical_devices("GPU") if preference in ("auto", "gpu") else []
+    if preference == "gpu" and not gpus:
+        raise RuntimeError("model.device is 'gpu' but TensorFlow sees no GPU (is tensorflow[and-cuda] installed?)")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass
+    return "/GPU:0" if gpus else "/CPU:0"
+
+
+class OnlineMF(Recommender):
+    """BPR matrix factorisation with item bias, sparse SGD, growing tables."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.users = IdIndex()
+        self.items = IdIndex()
+        self.seen: dict[int, set[int]] = {}
+        self.version = 0
+        self._rng = np.random.default_rng(cfg.seed)
+        cap = cfg.initial_capacity
+        with tf.device(self.device):
+            self._U = tf.Variable(self._init_rows(cap), name="user_emb")
+            self._V = tf.Variable(self._init_rows(cap), name="item_emb")
+            self._b = tf.Variable(tf.zeros([cap]), name="item_bias")
+        self._compile()
+
+    # ---- tables ---------------------------------------------------------------------------------
+    def _init_rows(self, n: int) -> np.ndarray:
+        return self._rng.normal(0.0, 0.1, size=(n, self.cfg.dim)).astype(np.float32)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def capacity(self) -> tuple[int, int]:
+        return int(self._U.shape[0]), int(self._V.shape[0])
+
+    def _grow(self) -> None:
+        """Double a table's capacity until its ids fit; re-trace the step once per growth."""
+        grown = False
+        for attr, n in (("_U", self.n_users), ("_V", self.n_items)):
+            var = getattr(self, attr)
+            cap = int(var.shape[0])
+            if n <= cap:
+                continue
+            new_cap = cap
+            while new_cap < n:
+                new_cap *= 2
+            with tf.device(self.device):
+                setattr(self, attr, tf.Variable(tf.concat([var, self._init_rows(new_cap - cap)], 0), name=var.name[:-2]))
+                if attr == "_V":
+                    self._b = tf.Variable(tf.concat([self._b, tf.zeros([new_cap - cap])], 0), name="item_bias")
+            grown = True
+        if grown:
+            self._compile()
+
+    # ---- learning -------------------------------------------------------------------------------
+    def _compile(self) -> None:
+        spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, self.cfg.negatives], tf.int32), tf.TensorSpec([None], tf.float32)]
+        self._step = tf.function(self._sgd_step, input_signature=spec, reduce_retracing=True)
+
+    def _sgd_step(self, u_idx, p_idx, n_idx, w):
+        lr, l2 = self.cfg.learning_rate, self.cfg.l2
+        u = tf.gather(self._U, u_idx)                 # [P, d]
+        p = tf.gather(self._V, p_idx)                 # [P, d]
+        n = tf.gather(self._V, n_idx)                 # [P, N, d]
+        bp = tf.gather(self._b, p_idx)                # [P]
+        bn = tf.gather(self._b, n_idx)                # [P, N]
+        with tf.GradientTape() as tape:
+            tape.watch([u, p, n, bp, bn])
+            pos = tf.reduce_sum(u * p, -1) + bp                       # [P]
+            neg = tf.einsum("pd,pnd->pn", u, n) + bn                  # [P, N]
+            pair_loss = -tf.reduce_mean(tf.math.log_sigmoid(pos[:, None] - neg), axis=1)
+            loss = tf.reduce_sum(w * pair_loss) + l2 * (
+                tf.reduce_sum(u * u) + tf.reduce_sum(p * p) + tf.reduce_sum(n * n))
+        gu, gp, gn, gbp, gbn = tape.gradient(loss, [u, p, n, bp, bn])
+        flat_n = tf.reshape(n_idx, [-1])
+        self._U.scatter_sub(tf.IndexedSlices(lr * gu, u_idx))
+        self._V.scatter_sub(tf.IndexedSlices(lr * gp, p_idx))
+        self._V.scatter_sub(tf.IndexedSlices(lr * tf.reshape(gn, [-1, self.cfg.dim]), flat_n))
+        self._b.scatter_sub(tf.IndexedSlices(lr * gbp, p_idx))
+        self._b.scatter_sub(tf.IndexedSlices(lr * tf.reshape(gbn, [-1]), flat_n))
+        return tf.reduce_sum(w * pair_loss) / tf.maximum(tf.reduce_sum(w), 1e-9)
+
+    def positives(self, batch: Sequence[Increment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Register the batch's ids and interactions; return (user rows, item rows, pair weights)."""
+        us, its, ws = [], [], []
+        for inc in batch:
+            u = self.users.add(inc.user_id)
+            seen = self.seen.setdefault(u, set())
+            for item, weight in zip(inc.items, inc.weights):
+                i = self.items.add(item)
+                seen.add(i)
+                if weight > 0:
+                    us.append(u)
+                    its.append(i)
+                    ws.append(np.log1p(weight))
+        return (np.asarray(us, np.int32), np.asarray(its, np.int32), np.asarray(ws, np.float32))
+
+    def learn_many(self, batch: Sequence[Increment]) -> StepStats:
+        """One optimizer step on the batch's positive pairs, each against ``negatives`` sampled items."""
+        started = time.perf_counter()
+        us, its, ws = self.positives(batch)
+        self._grow()
+        if len(us) == 0:
+            return StepStats(0.0, 0, time.perf_counter() - started)
+        negs = self._rng.integers(0, self.n_items, size=(len(us), self.cfg.negatives), dtype=np.int32)
+        with tf.device(self.device):
+            loss = self._step(us, its, negs, ws)
+        self.version += 1
+        return StepStats(float(loss), len(us), time.perf_counter() - started)
+
+    # ---- recommending ---------------------------------------------------------------------------
+    def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
+        n_items = self.n_items
+        if n_items == 0 or not users:
+            return [Recommendation([], []) for _ in users]
+        rows = [self.users.get(u) for u in users]
+        known = np.asarray([r if r is not None else 0 for r in rows], np.int32)
+        with tf.device(self.device):
+            user_vecs = tf.gather(self._U, known)
+            # Users the model has never seen get bias-only (popularity) scores.
+            user_vecs = user_vecs * tf.constant([[0.0 if r is None else 1.0] for r in rows])
+            scores = tf.matmul(user_vecs, self._V[:n_items], transpose_b=True) + self._b[:n_items]
+            if exclude_seen:
+                pairs = [(j, i) for j, r in enumerate(rows) if r is not None for i in self.seen.get(r, ())]
+                if pairs:
+                    scores = tf.tensor_scatter_nd_update(
+                        scores, tf.constant(pairs, tf.int32), tf.fill([len(pairs)], float("-inf")))
+            top = tf.math.top_k(scores, k=min(k, n_items))
+        values, indices = top.values.numpy(), top.indices.numpy()
+        out = []
+        for v_row, i_row in zip(values, indices):
+            ok = np.isfinite(v_row)
+            out.append(Recommendation([self.items.ids[i] for i in i_row[ok]], [float(s) for s in v_row[ok]]))
+        return out
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        seen_users = sorted(self.seen)
+        np.savez_compressed(
+            path, user_emb=self._U.numpy()[: self.n_users], item_emb=self._V.numpy()[: self.n_items],
+            item_bias=self._b.numpy()[: self.n_items], version=np.int64(self.version),
+            user_ids=np.asarray(self.users.ids, dtype=object).astype(str),
+            item_ids=np.asarray(self.items.ids, dtype=object).astype(str),
+            seen_users=np.asarray(seen_users, np.int64),
+            seen_ptr=np.cumsum([0] + [len(self.seen[u]) for u in seen_users]).astype(np.int64),
+            seen_items=np.asarray([i for u in seen_users for i in sorted(self.seen[u])], np.int64),
+            rng_state=np.frombuffer(json.dumps(self._rng.bit_generator.state).encode(), np.uint8),
+            config=np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8))
+        return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
+
+    @classmethod
+    def restore(cls, path: Path, cfg: ModelConfig) -> "OnlineMF":
+        with np.load(path, allow_pickle=False) as z:
+            model = cls(cfg)
+            model.users = IdIndex([str(x) for x in z["user_ids"]])
+            model.items = IdIndex([str(x) for x in z["item_ids"]])
+            model._grow()
+            with tf.device(model.device):
+                model._U[: model.n_users].assign(z["user_emb"])
+                model._V[: model.n_items].assign(z["item_emb"])
+                model._b[: model.n_items].assign(z["item_bias"])
+            ptr, items = z["seen_ptr"], z["seen_items"]
+            model.seen = {int(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}
+            model.version = int(z["version"])
+            model._rng.bit_generator.state = json.loads(bytes(z["rng_state"]).decode())
+        return model

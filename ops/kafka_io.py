@@ -1,0 +1,133 @@
+"""Kafka client helpers shared by the commands and tests: topics, producing, reading topics to the end."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from freshet.conf.settings import Config
+
+
+def admin(cfg: Config) -> AdminClient:
+    return AdminClient(cfg.kafka.client_properties())
+
+
+def ensure_topics(cfg: Config, timeout: float = 30.0) -> list[str]:
+    """Create the input, output and dead-letter topics if missing; returns the names created."""
+    client = admin(cfg)
+    existing = set(client.list_topics(timeout=timeout).topics)
+    wanted = [cfg.kafka.input_topic, cfg.kafka.output_topic, cfg.kafka.dlq_topic]
+    missing = [t for t in wanted if t not in existing]
+    if not missing:
+        return []
+    futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1)
+                                    for t in missing])
+    for topic, fut in futures.items():
+        try:
+            fut.result(timeout)
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+    return missing
+
+
+def delete_topics(cfg: Config, topics: list[str], timeout: float = 30.0) -> None:
+    client = admin(cfg)
+    existing = set(client.list_topics(timeout=timeout).topics)
+    doomed = [t for t in topics if t in existing]
+    if doomed:
+        for fut in client.delete_topics(doomed, operation_timeout=timeout).values():
+            fut.result(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and set(doomed) & set(client.list_topics(timeout=timeout).topics):
+            time.sleep(0.2)
+
+
+def producer(cfg: Config, **extra) -> Producer:
+    props = {**cfg.kafka.client_properties(), "linger.ms": 20, "batch.num.messages": 10000,
+             "queue.buffering.max.messages": 500000, "compression.type": "lz4",
+             "enable.idempotence": True, **extra}
+    return Producer(props)
+
+
+@dataclass(frozen=True)
+class Message:
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+
+
+def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
+               max_wait: float = 120.0, follow: bool = False, from_beginning: bool = True,
+               group_id: str | None = None) -> Iterator[Message]:
+    """Yield a topic's records. Unless ``follow``, stop once every partition is read to its end.
+
+    With ``read_committed`` (the default) only records of committed transactions are returned, as the
+    exactly-once contract requires of readers.
+    """
+    props = {**cfg.kafka.client_properties(),
+             "group.id": group_id or f"freshet-reader-{time.time_ns()}",
+             "enable.auto.commit": group_id is not None,
+             "auto.offset.reset": "earliest" if from_beginning else "latest",
+             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+             "enable.partition.eof": True}
+    consumer = Consumer(props)
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        if topic not in meta.topics or meta.topics[topic].error is not None:
+            raise RuntimeError(f"topic {topic!r} does not exist on {cfg.kafka.bootstrap_servers}")
+        partitions = list(meta.topics[topic].partitions)
+        if group_id is None:
+            offset = -2 if from_beginning else -1  # OFFSET_BEGINNING / OFFSET_END
+            consumer.assign([TopicPartition(topic, p, offset) for p in partitions])
+        else:
+            consumer.subscribe([topic])
+        at_end: set[int] = set()
+        started = time.monotonic()
+        while True:
+            msg = consumer.poll(0.5)
+            now = time.monotonic()
+            if msg is None:
+                if not follow and (len(at_end) == len(partitions) or now - started > max_wait):
+                    return
+                continue
+            if msg.error():
+                if msg.error().code() == -191:  # _PARTITION_EOF
+                    at_end.add(msg.partition())
+                    continue
+                raise KafkaException(msg.error())
+            at_end.discard(msg.partition())
+            yield Message(msg.key(), msg.value(), msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
+    finally:
+        consumer.close()
+
+
+def read_json(cfg: Config, topic: str, **kwargs) -> list[dict]:
+    """All records of ``topic`` as parsed JSON (values that are not JSON raise)."""
+    return [json.loads(m.value) for m in read_topic(cfg, topic, **kwargs)]
+
+
+def end_offsets(cfg: Config, topic: str) -> dict[int, int]:
+    consumer = Consumer({**cfg.kafka.client_properties(), "group.id": "freshet-offsets"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        out = {}
+        for p in meta.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            out[p] = high
+        return out
+    finally:
+        consumer.close()
+
+
+def flush_or_fail(prod: Producer, timeout: float = 120.0, on_progress: Callable[[], None] | None = None) -> None:
+    remaining = prod.flush(timeout)
+    if remaining:
+        raise RuntimeError(f"{remaining} records were not acknowledged by the broker within {timeout:.0f}s")
