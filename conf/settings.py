@@ -42,6 +42,7 @@ class KafkaConfig:
     output_topic: str = "recommendations"
     dlq_topic: str = "behavior-events-dlq"
     group_id: str = "freshet"
+    startup_mode: str = "earliest-offset"
     partitions: int = 2
     transaction_timeout_ms: int = 600000
     security: Mapping[str, str] = field(default_factory=dict)
@@ -51,6 +52,8 @@ class KafkaConfig:
         topics = [self.input_topic, self.output_topic, self.dlq_topic]
         _require(all(topics), "kafka topics must not be empty")
         _require(len(set(topics)) == 3, f"kafka input, output and dead-letter topics must differ, got {topics}")
+        _require(self.startup_mode in ("earliest-offset", "latest-offset", "group-offsets"),
+                 f"kafka.startup_mode must be earliest-offset|latest-offset|group-offsets, got {self.startup_mode!r}")
         _require(self.partitions >= 1, f"kafka.partitions must be >= 1, got {self.partitions}")
         _require(
             0 < self.transaction_timeout_ms <= 900000,

@@ -86,16 +86,19 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     return t_env
 
 
-def use_this_python() -> None:
-    """Make Flink's Python workers (thread mode embeds the interpreter found on PATH) use this venv."""
+def prepare_local_runtime(cfg: Config) -> None:
+    """Python workers use this venv (thread mode embeds the interpreter found on PATH); logs go to <home>/logs."""
     bin_dir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    log_dir = cfg.local.home_path() / "logs" / "flink-local"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))
 
 
 def run(cfg: Config, bounded: bool) -> None:
     """Build and execute the job on the environment Flink gives us (local runtime, or the cluster's)."""
-    use_this_python()
+    prepare_local_runtime(cfg)
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg))
     build_pipeline(env, cfg, bounded)
     env.execute(JOB_NAME)

@@ -51,7 +51,7 @@ def raw_source_ddl(cfg: Config, name: str, bounded: bool) -> str:
         "properties.group.id": cfg.kafka.group_id,
         "properties.auto.offset.reset": "earliest",
         "properties.isolation.level": "read_committed",
-        "scan.startup.mode": "group-offsets",
+        "scan.startup.mode": cfg.kafka.startup_mode,
         "value.format": "raw",
     }
     if bounded:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -32,7 +32,23 @@ def ensure_topics(cfg: Config, timeout: float = 30.0) -> list[str]:
         except KafkaException as e:
             if "TOPIC_ALREADY_EXISTS" not in str(e):
                 raise
+    wait_for_leaders(client, missing, timeout)
     return missing
+
+
+def wait_for_leaders(client: AdminClient, topics: list[str], timeout: float) -> None:
+    """Block until every partition of ``topics`` has a leader (a new topic takes a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = client.list_topics(timeout=timeout).topics
+        ready = all(t in meta and meta[t].error is None and meta[t].partitions
+                    and all(p.leader >= 0 and p.error is None for p in meta[t].partitions.values())
+                    for t in topics)
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topics {topics} have no partition leaders after {timeout:.0f}s")
+        time.sleep(0.2)
 
 
 def delete_topics(cfg: Config, topics: list[str], timeout: float = 30.0) -> None:
@@ -127,7 +143,26 @@ def end_offsets(cfg: Config, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def flush_or_fail(prod: Producer, timeout: float = 120.0, on_progress: Callable[[], None] | None = None) -> None:
+class DeliveryReport:
+    """Counts acknowledged and failed deliveries (pass as ``on_delivery``); nothing is lost silently."""
+
+    def __init__(self):
+        self.delivered = 0
+        self.failed = 0
+        self.first_error: str | None = None
+
+    def __call__(self, err, msg) -> None:
+        if err is None:
+            self.delivered += 1
+        else:
+            self.failed += 1
+            self.first_error = self.first_error or str(err)
+
+
+def flush_or_fail(prod: Producer, report: DeliveryReport | None = None, timeout: float = 120.0) -> None:
+    """Wait for every queued record; raise if any is unacknowledged or failed."""
     remaining = prod.flush(timeout)
     if remaining:
         raise RuntimeError(f"{remaining} records were not acknowledged by the broker within {timeout:.0f}s")
+    if report is not None and report.failed:
+        raise RuntimeError(f"{report.failed} records failed to reach Kafka (first error: {report.first_error})")

@@ -120,6 +120,7 @@ def replay(cfg: Config, df: pd.DataFrame, topic: str | None = None, speed: float
     from freshet.ops import kafka_io
     topic = topic or cfg.kafka.input_topic
     prod = (producer_factory or kafka_io.producer)(cfg)
+    report = kafka_io.DeliveryReport()
     bar = Progress(len(df), f"replay -> {topic}") if progress else None
     started = time.monotonic()
     first_ts = int(df["ts"].iloc[0]) if len(df) else None
@@ -133,7 +134,7 @@ def replay(cfg: Config, df: pd.DataFrame, topic: str | None = None, speed: float
                 time.sleep(delay)
         while True:
             try:
-                prod.produce(topic, value=value, key=key.encode("utf-8"), timestamp=ts)
+                prod.produce(topic, value=value, key=key.encode("utf-8"), timestamp=ts, on_delivery=report)
                 break
             except BufferError:
                 prod.poll(0.05)
@@ -142,7 +143,7 @@ def replay(cfg: Config, df: pd.DataFrame, topic: str | None = None, speed: float
             prod.poll(0)
             if bar:
                 bar.update(sent)
-    kafka_io.flush_or_fail(prod)
+    kafka_io.flush_or_fail(prod, report)
     if bar:
         bar.update(sent, force=True)
     return ReplaySummary(sent, time.monotonic() - started, topic, first_ts,

@@ -1,0 +1,191 @@
+"""The ``freshet`` command: thin entry points that parse arguments, load config and call one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from freshet.conf.settings import Config, ConfigError, load_config
+
+
+def _config(args) -> Config:
+    cfg = load_config(args.config)
+    if getattr(args, "bootstrap", None):
+        cfg = cfg.replace(kafka={"bootstrap_servers": args.bootstrap})
+    return cfg
+
+
+def cmd_kafka(args) -> int:
+    from freshet.ops.kafka_local import LocalKafka
+    kafka = LocalKafka(_config(args))
+    if args.action == "start":
+        kafka.start()
+    elif args.action == "stop":
+        kafka.stop()
+    else:
+        status = kafka.status()
+        print(status)
+        return 0 if status.running else 3
+    return 0
+
+
+def cmd_topics(args) -> int:
+    from freshet.ops import kafka_io
+    cfg = _config(args)
+    topics = [cfg.kafka.input_topic, cfg.kafka.output_topic, cfg.kafka.dlq_topic]
+    if args.action == "reset":
+        kafka_io.delete_topics(cfg, topics)
+        kafka_io.ensure_topics(cfg)
+        print(f"reset topics: {', '.join(topics)}")
+    else:
+        from freshet.ops.runner import topic_count
+        kafka_io.ensure_topics(cfg)
+        for t in topics:
+            print(f"{t}: {topic_count(cfg, t)} records")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from freshet.ops import vendor
+    cfg = _config(args)
+    print(vendor.ensure_dataset(cfg.local.home_path(), args.dataset).resolve())
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from freshet.ops import replay
+    cfg = _config(args)
+    df = replay.load_log(args.input, args.format)
+    speed = None if args.speed == "max" else float(args.speed)
+    if speed is not None and speed <= 0:
+        raise ConfigError("--speed must be 'max' or a positive number")
+    print(replay.replay(cfg, df, topic=args.topic, speed=speed, progress=not args.quiet))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from freshet.ops.runner import run_job
+    run_job(_config(args), bounded=args.bounded)
+    return 0
+
+
+def cmd_recs(args) -> int:
+    from freshet.ops import kafka_io
+    cfg = _config(args)
+    topic = args.topic or cfg.kafka.output_topic
+    shown = 0
+    for msg in kafka_io.read_topic(cfg, topic, follow=not args.from_beginning or args.follow,
+                                   from_beginning=args.from_beginning):
+        if args.user is not None and (msg.key or b"").decode("utf-8", "replace") != args.user:
+            continue
+        print(msg.value.decode("utf-8", "replace"), flush=True)
+        shown += 1
+        if args.max and shown >= args.max:
+            break
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from freshet.models.evaluation import evaluate
+    from freshet.ops import kafka_io, replay
+    cfg = _config(args)
+    df = replay.load_log(args.events, args.format)
+    if args.recs_file:
+        recs = [json.loads(line) for line in Path(args.recs_file).read_text().splitlines() if line.strip()]
+    else:
+        recs = kafka_io.read_json(cfg, args.recs_topic or cfg.kafka.output_topic)
+    ks = sorted({args.k, 2 * args.k})
+    result = evaluate(zip(df["user_id"], df["item_id"], df["ts"]), recs, ks=ks)
+    o = result.overall
+    print(f"events {o['events']:,}  lists {len(recs):,}  coverage {o['coverage']:.1%}")
+    print("  ".join(f"{m} {o[m]:.4f}" for m in o if "@" in m))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_json(), indent=2))
+        print(f"written to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from freshet.ops.runner import demo
+    demo(_config(args), dataset=args.dataset)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freshet",
+        description="Freshet: real-time recommendations from user-behaviour events "
+                    "(Kafka -> PyFlink windows -> online TensorFlow model -> Kafka).",
+        epilog="Every command reads conf/freshet.yaml (or --config FILE); any key can be overridden with an "
+               "environment variable FRESHET_<SECTION>__<KEY>, e.g. FRESHET_KAFKA__BOOTSTRAP_SERVERS=host:9092.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, help="YAML config file (default: conf/freshet.yaml)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("kafka", cmd_kafka, "Start, stop or check the local Kafka broker (127.0.0.1; idempotent).")
+    p.add_argument("action", choices=["start", "stop", "status"])
+
+    p = add("topics", cmd_topics, "Show record counts of, or reset (delete and recreate), the job's topics.")
+    p.add_argument("action", choices=["status", "reset"])
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers HOST:PORT (default from config)")
+
+    p = add("data", cmd_data, "Fetch a dataset into the git-ignored data folder; prints its .inter path last.")
+    p.add_argument("fetch", choices=["fetch"])
+    p.add_argument("dataset", choices=["ml-100k", "ml-1m"])
+
+    p = add("replay", cmd_replay, "Produce a log to the input topic in event-time order (Kafka timestamp = ts).")
+    p.add_argument("--input", required=True, type=Path, help="log file: events CSV/Parquet or MovieLens .inter")
+    p.add_argument("--format", required=True, choices=["events", "movielens"])
+    p.add_argument("--topic", help="target topic (default: kafka.input_topic)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers HOST:PORT (default from config)")
+    p.add_argument("--speed", default="max", help="'max' (as fast as possible) or N for N x real time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("run", cmd_run, "Run the job on the local Flink runtime.")
+    p.add_argument("--bounded", action="store_true", help="stop once the input topic is drained")
+
+    p = add("recs", cmd_recs, "Print recommendations from the sink topic (read_committed), one JSON per line.")
+    p.add_argument("--topic", help="topic (default: kafka.output_topic)")
+    p.add_argument("--user", help="only this user's lists")
+    p.add_argument("--from-beginning", action="store_true", help="read what is there, then stop (add --follow to keep going)")
+    p.add_argument("--follow", action="store_true", help="with --from-beginning: keep waiting for new lists")
+    p.add_argument("--max", type=int, default=0, help="stop after this many lists")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers HOST:PORT (default from config)")
+
+    p = add("eval", cmd_eval, "Prequential evaluation (CONTRACTS §3) of recommendations against a log.")
+    p.add_argument("--events", required=True, type=Path, help="the replayed log")
+    p.add_argument("--format", required=True, choices=["events", "movielens"])
+    p.add_argument("--recs-topic", help="topic with the lists (default: kafka.output_topic)")
+    p.add_argument("--recs-file", type=Path, help="read lists from a JSON-lines dump instead of Kafka")
+    p.add_argument("--k", type=int, default=10, help="cut-off K (HR@K, NDCG@K and @2K are reported)")
+    p.add_argument("--out", type=Path, help="write the metrics (overall and per day) as JSON")
+
+    p = add("demo", cmd_demo, "Start Kafka, replay MovieLens, run the job bounded, print recommendations and a summary.")
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"freshet: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a clear one-line error; the traceback only with FRESHET_DEBUG=1
+        import os
+        if os.environ.get("FRESHET_DEBUG"):
+            raise
+        print(f"freshet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
