@@ -19,6 +19,19 @@ class StepStats(NamedTuple):
     seconds: float      # wall time of the optimizer step
 
 
+class WindowList(NamedTuple):
+    """The list a user gets when a window closes, and the model version it was made with."""
+    user_id: str
+    window_end: int
+    rec: Recommendation
+    model_version: int
+
+
+def micro_batches(increments: Sequence[Increment], batch_size: int) -> list[Sequence[Increment]]:
+    """Consecutive chunks of at most ``batch_size`` (one empty chunk for an empty window)."""
+    return [increments[j:j + batch_size] for j in range(0, len(increments), batch_size)] or [increments]
+
+
 class Recommender(ABC):
     """Learns from micro-batches of increments and recommends top-K items per user."""
 
@@ -32,6 +45,22 @@ class Recommender(ABC):
     @abstractmethod
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
         """Top-``k`` items for each user, over the whole catalogue known so far."""
+
+    def learn_windows(self, windows: Sequence[tuple[int, Sequence[Increment]]], batch_size: int, k: int,
+                      exclude_seen: bool = True) -> list[WindowList]:
+        """Closed windows in ``window_end`` order: for each, learn its micro-batches, then list its users.
+
+        So every list reflects exactly the events before its ``window_end`` (CONTRACTS §2). This is the
+        reference implementation; a model may fuse the loop (see ``OnlineMF``) but must give the same result.
+        """
+        out = []
+        for window_end, increments in windows:
+            for batch in micro_batches(increments, batch_size):
+                self.learn_many(batch)
+            users = list(dict.fromkeys(inc.user_id for inc in increments))
+            for user, rec in zip(users, self.recommend(users, k, exclude_seen)):
+                out.append(WindowList(user, window_end, rec, self.version))
+        return out
 
     @abstractmethod
     def save(self, path: Path) -> Path:

@@ -44,40 +44,29 @@ class Increment:
 
 
 @dataclass
-class MicroBatcher:
-    """Gathers increments; a micro-batch is due every ``batch_size`` increments and when a window closes.
+class WindowBuffer:
+    """Holds increments until their window closes; then hands over closed windows in ``window_end`` order.
 
-    ``add`` returns a full batch to train on (or ``None``). ``close_window`` returns what is left to train on
-    and every user whose list is due: all users with increments in windows that have closed.
+    The model splits each closed window into micro-batches of ``model.batch_size`` increments (one
+    optimizer step each); all windows closed by one watermark advance are learned in one model call.
 
-    >>> b = MicroBatcher(batch_size=2)
-    >>> b.add(Increment("u1", 10, ("a",), (1.0,), (1,), 1)) is None
-    True
-    >>> [i.user_id for i in b.add(Increment("u2", 10, ("a",), (1.0,), (1,), 1))]
-    ['u1', 'u2']
-    >>> rest, due = b.close_window(10)
-    >>> rest, due
-    ([], [('u1', 10), ('u2', 10)])
+    >>> b = WindowBuffer()
+    >>> for user, end in [("u1", 20), ("u2", 10), ("u3", 30)]:
+    ...     b.add(Increment(user, end, ("a",), (1.0,), (1,), 1))
+    >>> [(end, [i.user_id for i in incs]) for end, incs in b.close(watermark=25)]
+    [(10, ['u2']), (20, ['u1'])]
+    >>> len(b)
+    1
     """
-    batch_size: int
-    _buffer: list[Increment] = field(default_factory=list)
-    _due: list[tuple[str, int]] = field(default_factory=list)
+    _windows: dict[int, list[Increment]] = field(default_factory=dict)
 
-    def add(self, inc: Increment) -> list[Increment] | None:
-        self._buffer.append(inc)
-        self._due.append((inc.user_id, inc.window_end))
-        if len(self._buffer) >= self.batch_size:
-            batch, self._buffer = self._buffer, []
-            return batch
-        return None
+    def add(self, inc: Increment) -> None:
+        self._windows.setdefault(inc.window_end, []).append(inc)
 
-    def close_window(self, watermark_end: int) -> tuple[list[Increment], list[tuple[str, int]]]:
-        """Windows ending at or before ``watermark_end`` are complete: flush their increments and lists."""
-        rest = [i for i in self._buffer if i.window_end <= watermark_end]
-        self._buffer = [i for i in self._buffer if i.window_end > watermark_end]
-        due = [d for d in self._due if d[1] <= watermark_end]
-        self._due = [d for d in self._due if d[1] > watermark_end]
-        return rest, due
+    def close(self, watermark: int) -> list[tuple[int, list[Increment]]]:
+        """Windows whose last millisecond (``window_end - 1``) the watermark has reached."""
+        ends = sorted(e for e in self._windows if e - 1 <= watermark)
+        return [(e, self._windows.pop(e)) for e in ends]
 
     def __len__(self) -> int:
-        return len(self._buffer)
+        return sum(len(v) for v in self._windows.values())

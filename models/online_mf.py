@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from freshet.conf.settings import ModelConfig  # noqa: E402
-from freshet.models.base import Recommendation, Recommender, StepStats  # noqa: E402
+from freshet.models.base import Recommendation, Recommender, StepStats, WindowList, micro_batches  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
 
 
@@ -84,17 +84,18 @@ class OnlineMF(Recommender):
         self.items = IdIndex()
         self.seen: dict[int, set[int]] = {}
         self.version = 0
-        self._rng = np.random.default_rng(cfg.seed)
+        # One random stream per purpose, so results do not depend on how work is grouped into calls.
+        self._rngs = {name: np.random.default_rng([cfg.seed, j]) for j, name in enumerate(("_U", "_V", "neg"))}
         cap = cfg.initial_capacity
         with tf.device(self.device):
-            self._U = tf.Variable(self._init_rows(cap), name="user_emb")
-            self._V = tf.Variable(self._init_rows(cap), name="item_emb")
+            self._U = tf.Variable(self._init_rows("_U", cap), name="user_emb")
+            self._V = tf.Variable(self._init_rows("_V", cap), name="item_emb")
             self._b = tf.Variable(tf.zeros([cap]), name="item_bias")
         self._compile()
 
     # ---- tables ---------------------------------------------------------------------------------
-    def _init_rows(self, n: int) -> np.ndarray:
-        return self._rng.normal(0.0, 0.1, size=(n, self.cfg.dim)).astype(np.float32)
+    def _init_rows(self, table: str, n: int) -> np.ndarray:
+        return self._rngs[table].normal(0.0, 0.1, size=(n, self.cfg.dim)).astype(np.float32)
 
     @property
     def n_users(self) -> int:
@@ -119,7 +120,7 @@ class OnlineMF(Recommender):
             while new_cap < n:
                 new_cap *= 2
             with tf.device(self.device):
-                setattr(self, attr, tf.Variable(tf.concat([var, self._init_rows(new_cap - cap)], 0), name=var.name[:-2]))
+                setattr(self, attr, tf.Variable(tf.concat([var, self._init_rows(attr, new_cap - cap)], 0), name=var.name[:-2]))
                 if attr == "_V":
                     self._b = tf.Variable(tf.concat([self._b, tf.zeros([new_cap - cap])], 0), name="item_bias")
             grown = True
@@ -131,6 +132,10 @@ class OnlineMF(Recommender):
         spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, self.cfg.negatives], tf.int32), tf.TensorSpec([None], tf.float32)]
         self._step = tf.function(self._sgd_step, input_signature=spec, reduce_retracing=True)
+        i32 = lambda shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
+        self._fused = tf.function(self._fused_loop, input_signature=[
+            i32([None]), i32([None]), i32([None, self.cfg.negatives]), tf.TensorSpec([None], tf.float32),
+            i32([None]), i32([None]), i32([None]), i32([None, 2]), i32([None]), i32([None]), i32([])])
 
     def _sgd_step(self, u_idx, p_idx, n_idx, w):
         lr, l2 = self.cfg.learning_rate, self.cfg.l2
@@ -170,6 +175,10 @@ class OnlineMF(Recommender):
                     ws.append(np.log1p(weight))
         return (np.asarray(us, np.int32), np.asarray(its, np.int32), np.asarray(ws, np.float32))
 
+    def _sample_negatives(self, n: int) -> np.ndarray:
+        """Uniform negatives over the items known so far."""
+        return self._rngs["neg"].integers(0, self.n_items, size=(n, self.cfg.negatives), dtype=np.int32)
+
     def learn_many(self, batch: Sequence[Increment]) -> StepStats:
         """One optimizer step on the batch's positive pairs, each against ``negatives`` sampled items."""
         started = time.perf_counter()
@@ -177,11 +186,88 @@ class OnlineMF(Recommender):
         self._grow()
         if len(us) == 0:
             return StepStats(0.0, 0, time.perf_counter() - started)
-        negs = self._rng.integers(0, self.n_items, size=(len(us), self.cfg.negatives), dtype=np.int32)
+        negs = self._sample_negatives(len(us))
         with tf.device(self.device):
             loss = self._step(us, its, negs, ws)
         self.version += 1
         return StepStats(float(loss), len(us), time.perf_counter() - started)
+
+    # ---- fused: many windows in one graph call -------------------------------------------------------
+    def learn_windows(self, windows: Sequence[tuple[int, Sequence[Increment]]], batch_size: int, k: int,
+                      exclude_seen: bool = True) -> list[WindowList]:
+        """Same result as the reference loop in :class:`Recommender`, in one ``tf.function`` call.
+
+        Python prepares every step's positive pairs and negatives, and each window's users with the
+        items they had seen by then; one in-graph loop then runs, in order, every SGD step and, after
+        the last step of a window, the top-K of its users over the items known at that point.
+        """
+        if not windows:
+            return []
+        pu, pi, pw, pn = [], [], [], []
+        pair_end, rec_end, excl_end, n_items_at, versions = [], [], [], [], []
+        rec_rows, excl, due = [], [], []
+        n_pairs = n_recs = 0
+        version = self.version
+        for window_end, increments in windows:
+            chunks = micro_batches(increments, batch_size)
+            for c, chunk in enumerate(chunks):
+                us, its, ws = self.positives(chunk)
+                if len(us):
+                    pu.append(us), pi.append(its), pw.append(ws), pn.append(self._sample_negatives(len(us)))
+                    n_pairs += len(us)
+                    version += 1
+                pair_end.append(n_pairs)
+                if c == len(chunks) - 1:
+                    for user in dict.fromkeys(inc.user_id for inc in increments):
+                        row = self.users.get(user)
+                        if exclude_seen:
+                            excl.extend((n_recs, i) for i in self.seen.get(row, ()))
+                        rec_rows.append(row)
+                        due.append((user, window_end, version))
+                        n_recs += 1
+                rec_end.append(n_recs)
+                excl_end.append(len(excl))
+                n_items_at.append(self.n_items)
+        self._grow()
+        k_eff = min(k, int(self._V.shape[0]))
+        cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
+               else np.zeros(shape, dtype))
+        with tf.device(self.device):
+            values, indices = self._fused(
+                cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
+                cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
+                np.asarray(rec_end, np.int32), np.asarray(excl, np.int32).reshape(-1, 2),
+                np.asarray(excl_end, np.int32), np.asarray(n_items_at, np.int32), np.int32(k_eff))
+        self.version = version
+        values, indices = values.numpy(), indices.numpy()
+        out = []
+        for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
+            ok = np.isfinite(v_row)
+            out.append(WindowList(user, window_end, Recommendation([self.items.ids[i] for i in i_row[ok]],
+                                                                   [float(x) for x in v_row[ok]]), ver))
+        return out
+
+    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_end, excl, excl_end, n_items_at, k):
+        cap = tf.shape(self._V)[0]
+        columns = tf.range(cap)
+        tops_v = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None, None])
+        tops_i = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None, None])
+        pair_start = tf.concat([[0], pair_end[:-1]], 0)
+        rec_start = tf.concat([[0], rec_end[:-1]], 0)
+        excl_start = tf.concat([[0], excl_end[:-1]], 0)
+        for s in tf.range(tf.shape(pair_end)[0]):
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            a, b = pair_start[s], pair_end[s]
+            self._sgd_step(pu[a:b], pi[a:b], pn[a:b], pw[a:b])
+            r0, r1 = rec_start[s], rec_end[s]
+            scores = tf.matmul(tf.gather(self._U, rec_rows[r0:r1]), self._V, transpose_b=True) + self._b
+            scores = tf.where(columns[None, :] < n_items_at[s], scores, float("-inf"))
+            ex = excl[excl_start[s]:excl_end[s]]
+            scores = tf.tensor_scatter_nd_update(scores, ex - tf.stack([r0, 0]), tf.fill([tf.shape(ex)[0]], float("-inf")))
+            top = tf.math.top_k(scores, k=k)
+            tops_v = tops_v.write(s, top.values)
+            tops_i = tops_i.write(s, top.indices)
+        return tops_v.concat(), tops_i.concat()
 
     # ---- recommending ---------------------------------------------------------------------------
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
@@ -220,7 +306,7 @@ class OnlineMF(Recommender):
             seen_users=np.asarray(seen_users, np.int64),
             seen_ptr=np.cumsum([0] + [len(self.seen[u]) for u in seen_users]).astype(np.int64),
             seen_items=np.asarray([i for u in seen_users for i in sorted(self.seen[u])], np.int64),
-            rng_state=np.frombuffer(json.dumps(self._rng.bit_generator.state).encode(), np.uint8),
+            rng_state=np.frombuffer(json.dumps({k: r.bit_generator.state for k, r in self._rngs.items()}).encode(), np.uint8),
             config=np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8))
         return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
 
@@ -238,5 +324,6 @@ class OnlineMF(Recommender):
             ptr, items = z["seen_ptr"], z["seen_items"]
             model.seen = {int(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}
             model.version = int(z["version"])
-            model._rng.bit_generator.state = json.loads(bytes(z["rng_state"]).decode())
+            for name, state in json.loads(bytes(z["rng_state"]).decode()).items():
+                model._rngs[name].bit_generator.state = state
         return model
