@@ -1,0 +1,24 @@
+import pytest
+
+from freshet.models.increments import Increment, WindowBuffer
+
+
+def test_increment_keeps_heaviest_items_and_counts_every_event():
+    inc = Increment.from_json("u", 60_000, '[["a", 1.0, 1], ["b", 7.0, 3], ["c", 2.0, 2]]', max_items=2)
+    assert inc.items == ("b", "c") and inc.weights == (7.0, 2.0) and inc.counts == (3, 2)
+    assert inc.events == 6 and inc.dropped_items == 1
+
+
+def test_increment_rejects_misaligned_arrays():
+    with pytest.raises(ValueError, match="differ in length"):
+        Increment.from_arrays("u", 1, ["a"], [1.0, 2.0], [1], max_items=5)
+
+
+def test_window_buffer_closes_windows_in_order_and_keeps_open_ones():
+    buf = WindowBuffer()
+    for user, end in [("u1", 3000), ("u2", 1000), ("u3", 1000), ("u4", 2000)]:
+        buf.add(Increment(user, end, ("i",), (1.0,), (1,), 1))
+    assert buf.close(watermark=998) == []
+    closed = buf.close(watermark=1999)
+    assert [(end, [i.user_id for i in incs]) for end, incs in closed] == [(1000, ["u2", "u3"]), (2000, ["u4"])]
+    assert len(buf) == 1

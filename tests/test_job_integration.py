@@ -1,0 +1,97 @@
+"""The job end to end on real parts: a real Kafka broker, the local Flink runtime, bounded input."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+
+from freshet.ops import kafka_io
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_040_000           # deliberately not window-aligned
+WINDOW = 60_000
+USERS = [f"u{j}" for j in range(6)]
+ITEMS = [f"i{j}" for j in range(40)]
+
+MALFORMED = {
+    b"this is not json": "invalid_json",
+    b"\xff\xfe\xfa not utf-8": "not_utf8",
+    b'["an", "array"]': "not_object",
+    json.dumps({"user_id": "u1", "behavior": "view", "ts": T0}).encode(): "missing_field",
+    json.dumps({"user_id": 1.5, "item_id": "i1", "behavior": "view", "ts": T0}).encode(): "wrong_type",
+    json.dumps({"user_id": "u1", "item_id": "i1", "behavior": "teleport", "ts": T0}).encode(): "unknown_behavior",
+    json.dumps({"user_id": "u1", "item_id": "i1", "behavior": "view", "ts": -5}).encode(): "negative_ts",
+    json.dumps({"user_id": "u1", "item_id": "i1", "behavior": "view", "ts": 99_999_999_999_999}).encode(): "future_ts",
+    json.dumps({"user_id": "x" * 300, "item_id": "i1", "behavior": "view", "ts": T0}).encode(): "bad_id",
+}
+
+
+def good_events():
+    """Three windows; every user active in each; behaviours mixed; integer and string ids."""
+    events, n = [], 0
+    for w in range(3):
+        for step in range(3):
+            for j, user in enumerate(USERS):
+                n += 1
+                ts = T0 + w * WINDOW + step * 7_000 + j * 100
+                events.append({"user_id": user, "item_id": ITEMS[(n * 7 + j) % len(ITEMS)],
+                               "behavior": ["view", "click", "cart", "fav", "buy", "rate"][n % 6],
+                               "ts": ts, "value": 4.0, "event_id": f"e{n}"})
+    return events
+
+
+def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad_input(topics_cfg):
+    from freshet.ops.runner import run_job
+    cfg = topics_cfg
+    events = good_events()
+    duplicate = events[5]
+    prod = kafka_io.producer(cfg)
+    report = kafka_io.DeliveryReport()
+    for j, e in enumerate(events):
+        prod.produce(cfg.kafka.input_topic, key=e["user_id"], value=json.dumps(e), timestamp=e["ts"], on_delivery=report)
+        if j == 20:  # bad records in the middle of the stream, and a replayed event id
+            for raw in MALFORMED:
+                prod.produce(cfg.kafka.input_topic, key=b"bad", value=raw, on_delivery=report)
+            prod.produce(cfg.kafka.input_topic, key=duplicate["user_id"], value=json.dumps(duplicate),
+                         on_delivery=report)
+    kafka_io.flush_or_fail(prod, report)
+
+    run_job(cfg, bounded=True)
+
+    recs = list(kafka_io.read_topic(cfg, cfg.kafka.output_topic))
+    dead = [json.loads(m.value) for m in kafka_io.read_topic(cfg, cfg.kafka.dlq_topic)]
+
+    # Dead letters: each malformed record once, with its reason and where it came from; the duplicate too.
+    codes = sorted(d["reason"].split(":")[0] for d in dead)
+    assert codes == sorted(list(MALFORMED.values()) + ["duplicate"])
+    for d in dead:
+        assert set(d) == {"reason", "raw", "topic", "partition", "offset"}
+        assert d["topic"] == cfg.kafka.input_topic and d["offset"] >= 0
+        assert len(d["reason"]) > len(d["reason"].split(":")[0]) + 2
+    assert any(d["raw"] == "this is not json" for d in dead)
+
+    # Exactly one list per (user, window) in which the user had accepted events.
+    expected = {(e["user_id"], e["ts"] - e["ts"] % WINDOW + WINDOW) for e in events}
+    got = [json.loads(m.value) for m in recs]
+    keys = [(r["user_id"], r["window_end"]) for r in got]
+    assert len(keys) == len(set(keys)), "duplicate (user_id, window_end) for a read_committed reader"
+    assert set(keys) == expected
+
+    # Every contract field and invariant.
+    seen_before = defaultdict(set)
+    versions = defaultdict(list)
+    for m, r in zip(recs, got):
+        assert m.key.decode() == r["user_id"]
+        assert set(r) == {"user_id", "items", "scores", "window_end", "model_version", "emitted_at"}
+        assert len(r["items"]) == cfg.model.k == len(set(r["items"])) == len(r["scores"])
+        assert all(a >= b for a, b in zip(r["scores"], r["scores"][1:]))
+        seen = {e["item_id"] for e in events if e["user_id"] == r["user_id"] and e["ts"] < r["window_end"]}
+        assert not seen & set(r["items"]), "items the user already interacted with must be excluded"
+        assert isinstance(r["model_version"], int) and r["model_version"] >= 1
+        assert isinstance(r["emitted_at"], int) and r["emitted_at"] > 1_600_000_000_000
+        versions[r["user_id"]].append((r["window_end"], r["model_version"]))
+    for user, vs in versions.items():
+        vs.sort()
+        assert all(a[1] < b[1] for a, b in zip(vs, vs[1:])), f"model_version must grow across {user}'s windows"

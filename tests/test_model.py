@@ -1,0 +1,123 @@
+"""The online model: fast unit tests on small random data, no JVM."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from freshet.conf.settings import ModelConfig
+from freshet.models.base import Recommender
+from freshet.models.increments import Increment
+from freshet.models.online_mf import OnlineMF
+
+
+def inc(user, items, end=60_000, weight=1.0):
+    return Increment(user, end, tuple(items), (weight,) * len(items), (1,) * len(items), len(items))
+
+
+def random_windows(seed, n_windows=30, n_users=25, n_items=60):
+    rng = np.random.default_rng(seed)
+    windows = []
+    for w in range(n_windows):
+        incs = []
+        for _ in range(rng.integers(0, 6)):
+            items = list(dict.fromkeys(f"i{x}" for x in rng.integers(n_items, size=rng.integers(1, 5))))
+            incs.append(inc(f"u{rng.integers(n_users)}", items, end=(w + 1) * 60_000))
+        windows.append(((w + 1) * 60_000, incs))
+    return windows
+
+
+@pytest.fixture
+def mcfg():
+    return ModelConfig(dim=8, initial_capacity=4, batch_size=4, negatives=4, seed=11)
+
+
+def test_loss_falls_when_the_same_batch_repeats(mcfg):
+    m = OnlineMF(ModelConfig(**{**mcfg.__dict__, "learning_rate": 0.3}))
+    batch = [inc(f"u{j}", [f"i{j}", f"i{j + 1}"]) for j in range(8)]
+    losses = [m.learn_many(batch).loss for _ in range(40)]
+    assert losses[0] > 0.6                      # ~log(2) at random initialisation
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+
+
+def test_new_ids_grow_the_tables(mcfg):
+    m = OnlineMF(mcfg)
+    assert m.capacity() == (4, 4)
+    m.learn_many([inc(f"u{j}", [f"i{j}"]) for j in range(10)])
+    assert (m.n_users, m.n_items) == (10, 10)
+    assert m.capacity() == (16, 16)
+    m.learn_many([inc("u0", ["i999"])])        # known user, new item: still trains and recommends
+    assert m.n_items == 11 and m.version == 2
+
+
+def test_top_k_is_k_distinct_unseen_items_with_non_increasing_scores(mcfg):
+    m = OnlineMF(mcfg)
+    for w in random_windows(1):
+        for b in [w[1]] if w[1] else []:
+            m.learn_many(b)
+    m.learn_many([inc("target", ["i1", "i2", "i3"])])
+    rec = m.recommend(["target"], k=10)[0]
+    assert len(rec.items) == 10 and len(set(rec.items)) == 10
+    assert not {"i1", "i2", "i3"} & set(rec.items)
+    assert all(a >= b for a, b in zip(rec.scores, rec.scores[1:]))
+    with_seen = m.recommend(["target"], k=m.n_items, exclude_seen=False)[0]
+    assert len(with_seen.items) == m.n_items
+
+
+def test_unknown_user_gets_a_popularity_list(mcfg):
+    m = OnlineMF(mcfg)
+    m.learn_many([inc(f"u{j}", ["hit"]) for j in range(6)] + [inc("u9", ["rare"])])
+    assert len(m.recommend(["stranger"], k=2)[0].items) == 2
+
+
+def test_same_seed_same_result(mcfg):
+    runs = []
+    for _ in range(2):
+        m = OnlineMF(mcfg)
+        runs.append([wl.rec for wl in m.learn_windows(random_windows(2), 4, 5)])
+    assert runs[0] == runs[1]
+
+
+def test_fused_windows_give_the_reference_loop_result(mcfg):
+    windows = random_windows(3)
+    ref, fused = OnlineMF(mcfg), OnlineMF(mcfg)
+    expected = Recommender.learn_windows(ref, windows, mcfg.batch_size, 5)
+    got = fused.learn_windows(windows[:10], mcfg.batch_size, 5) + fused.learn_windows(windows[10:], mcfg.batch_size, 5)
+    assert [(w.user_id, w.window_end, w.model_version, w.rec.items) for w in got] == \
+           [(w.user_id, w.window_end, w.model_version, w.rec.items) for w in expected]
+    np.testing.assert_allclose(fused._V.numpy(), ref._V.numpy(), atol=1e-6)
+    assert fused.version == ref.version
+
+
+def test_lists_only_use_items_known_when_the_window_closed(mcfg):
+    m = OnlineMF(mcfg)
+    lists = m.learn_windows([(60_000, [inc("u1", ["a"]), inc("u2", ["b"])]), (120_000, [inc("u3", ["late-item"])])],
+                            mcfg.batch_size, 5)
+    first = [wl for wl in lists if wl.window_end == 60_000]
+    assert all("late-item" not in wl.rec.items for wl in first)
+    assert {wl.user_id: wl.rec.items for wl in first} == {"u1": ["b"], "u2": ["a"]}
+
+
+def test_save_and_restore_round_trip(mcfg, tmp_path):
+    m = OnlineMF(mcfg)
+    m.learn_windows(random_windows(4), 4, 5)
+    path = m.save(tmp_path / "model")
+    r = OnlineMF.restore(path, mcfg)
+    assert (r.version, r.n_users, r.n_items, r.seen) == (m.version, m.n_users, m.n_items, m.seen)
+    users = m.users.ids[:5]
+    assert r.recommend(users, 5) == m.recommend(users, 5)
+    more = random_windows(5)
+    assert [w.rec for w in r.learn_windows(more, 4, 5)] == [w.rec for w in m.learn_windows(more, 4, 5)]
+
+
+def test_inputs_are_not_mutated(mcfg):
+    windows = random_windows(6)
+    before = repr(windows)
+    OnlineMF(mcfg).learn_windows(windows, 4, 5)
+    assert repr(windows) == before
+
+
+def test_models_never_import_pyflink():
+    code = ("import sys, freshet.models.online_mf, freshet.models.evaluation, freshet.models.events; "
+            "sys.exit(1 if any(m.startswith('pyflink') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
