@@ -16,39 +16,40 @@ def admin(cfg: Config) -> AdminClient:
     return AdminClient(cfg.kafka.client_properties())
 
 
-def ensure_topics(cfg: Config, timeout: float = 30.0) -> list[str]:
-    """Create the input, output and dead-letter topics if missing; returns the names created."""
+def ensure_topics(cfg: Config, timeout: float = 60.0) -> list[str]:
+    """Create the input, output and dead-letter topics if missing; returns the names created.
+
+    Retries until every topic exists with partition leaders: right after a delete, Kafka may still
+    answer "already exists" for a topic that is about to disappear.
+    """
     client = admin(cfg)
-    existing = set(client.list_topics(timeout=timeout).topics)
     wanted = [cfg.kafka.input_topic, cfg.kafka.output_topic, cfg.kafka.dlq_topic]
-    missing = [t for t in wanted if t not in existing]
-    if not missing:
-        return []
-    futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1)
-                                    for t in missing])
-    for topic, fut in futures.items():
-        try:
-            fut.result(timeout)
-        except KafkaException as e:
-            if "TOPIC_ALREADY_EXISTS" not in str(e):
-                raise
-    wait_for_leaders(client, missing, timeout)
-    return missing
-
-
-def wait_for_leaders(client: AdminClient, topics: list[str], timeout: float) -> None:
-    """Block until every partition of ``topics`` has a leader (a new topic takes a moment)."""
+    created: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
         meta = client.list_topics(timeout=timeout).topics
-        ready = all(t in meta and meta[t].error is None and meta[t].partitions
-                    and all(p.leader >= 0 and p.error is None for p in meta[t].partitions.values())
-                    for t in topics)
-        if ready:
-            return
+        missing = [t for t in wanted if t not in meta]
+        if not missing and _have_leaders(meta, wanted):
+            return created
         if time.monotonic() > deadline:
-            raise RuntimeError(f"topics {topics} have no partition leaders after {timeout:.0f}s")
-        time.sleep(0.2)
+            raise RuntimeError(f"topics {missing or wanted} are not ready on {cfg.kafka.bootstrap_servers} "
+                               f"after {timeout:.0f}s")
+        if missing:
+            futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1)
+                                            for t in missing])
+            for topic, fut in futures.items():
+                try:
+                    fut.result(timeout)
+                    created.append(topic)
+                except KafkaException as e:
+                    if "TOPIC_ALREADY_EXISTS" not in str(e):
+                        raise
+        time.sleep(0.3)
+
+
+def _have_leaders(meta, topics: list[str]) -> bool:
+    return all(meta[t].error is None and meta[t].partitions
+               and all(p.leader >= 0 and p.error is None for p in meta[t].partitions.values()) for t in topics)
 
 
 def delete_topics(cfg: Config, topics: list[str], timeout: float = 30.0) -> None:

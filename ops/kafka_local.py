@@ -37,7 +37,7 @@ class LocalKafka:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.home = cfg.local.home_path()
-        self.dir = self.home / "kafka"
+        self.dir = self.home / f"kafka-{cfg.local.kafka_port}"  # one folder per broker: tests never touch yours
         self.bootstrap = f"{HOST}:{cfg.local.kafka_port}"
 
     def _pid_file(self, name: str) -> Path:
