@@ -120,14 +120,18 @@ class WindowConfig:
         _require(self.max_items_per_increment >= 1, "window.max_items_per_increment must be >= 1")
 
 
+MODEL_KINDS = ("bpr", "popularity")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: str = "bpr"              # bpr: online matrix factorisation; popularity: the cumulative-popularity baseline
+    freeze_after_ms: int = 0       # > 0: stop learning at this event time (the "frozen model" baseline)
     dim: int = 32
     learning_rate: float = 0.05
     negatives: int = 8
     l2: float = 1e-5
     batch_size: int = 512
-    flush_ms: int = 200
     k: int = 10
     exclude_seen: bool = True
     initial_capacity: int = 1024
@@ -135,12 +139,13 @@ class ModelConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        _require(self.kind in MODEL_KINDS, f"model.kind must be one of {'|'.join(MODEL_KINDS)}, got {self.kind!r}")
+        _require(self.freeze_after_ms >= 0, "model.freeze_after_ms must be >= 0 (0: never freeze)")
         _require(self.dim >= 1, f"model.dim must be >= 1, got {self.dim}")
         _require(self.learning_rate > 0, f"model.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.negatives >= 1, f"model.negatives must be >= 1, got {self.negatives}")
         _require(self.l2 >= 0, "model.l2 must be >= 0")
         _require(self.batch_size >= 1, f"model.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.flush_ms >= 1, f"model.flush_ms must be >= 1, got {self.flush_ms}")
         _require(self.k >= 1, f"model.k must be >= 1, got {self.k}")
         _require(self.initial_capacity >= 2, "model.initial_capacity must be >= 2")
         _require(self.device in ("auto", "cpu", "gpu"), f"model.device must be auto|cpu|gpu, got {self.device!r}")

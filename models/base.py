@@ -43,6 +43,15 @@ class Recommender(ABC):
         """One model update on a micro-batch of increments."""
 
     @abstractmethod
+    def observe(self, batch: Sequence[Increment]) -> None:
+        """Note what known users interacted with (for the seen-item filter) without learning."""
+
+    def frozen_at(self, window_end: int) -> bool:
+        """True once learning has stopped (``model.freeze_after_ms``, the frozen-model baseline)."""
+        freeze = self.cfg.freeze_after_ms
+        return 0 < freeze < window_end
+
+    @abstractmethod
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
         """Top-``k`` items for each user, over the whole catalogue known so far."""
 
@@ -56,7 +65,7 @@ class Recommender(ABC):
         out = []
         for window_end, increments in windows:
             for batch in micro_batches(increments, batch_size):
-                self.learn_many(batch)
+                self.observe(batch) if self.frozen_at(window_end) else self.learn_many(batch)
             users = list(dict.fromkeys(inc.user_id for inc in increments))
             for user, rec in zip(users, self.recommend(users, k, exclude_seen)):
                 out.append(WindowList(user, window_end, rec, self.version))

@@ -135,7 +135,8 @@ class OnlineMF(Recommender):
         i32 = lambda shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         self._fused = tf.function(self._fused_loop, input_signature=[
             i32([None]), i32([None]), i32([None, self.cfg.negatives]), tf.TensorSpec([None], tf.float32),
-            i32([None]), i32([None]), i32([None]), i32([None, 2]), i32([None]), i32([None]), i32([])])
+            i32([None]), i32([None]), tf.TensorSpec([None], tf.float32), i32([None]), i32([None, 2]), i32([None]),
+            i32([None]), i32([])])
 
     def _sgd_step(self, u_idx, p_idx, n_idx, w):
         lr, l2 = self.cfg.learning_rate, self.cfg.l2
@@ -179,6 +180,14 @@ class OnlineMF(Recommender):
         """Uniform negatives over the items known so far."""
         return self._rngs["neg"].integers(0, self.n_items, size=(n, self.cfg.negatives), dtype=np.int32)
 
+    def observe(self, batch: Sequence[Increment]) -> None:
+        """Frozen: known users' seen items grow; no new ids, no parameter change."""
+        for inc in batch:
+            u = self.users.get(inc.user_id)
+            if u is not None:
+                self.seen.setdefault(u, set()).update(
+                    i for i in (self.items.get(item) for item in inc.items) if i is not None)
+
     def learn_many(self, batch: Sequence[Increment]) -> StepStats:
         """One optimizer step on the batch's positive pairs, each against ``negatives`` sampled items."""
         started = time.perf_counter()
@@ -204,14 +213,17 @@ class OnlineMF(Recommender):
         if not windows:
             return []
         pu, pi, pw, pn = [], [], [], []
-        pair_end, rec_end, excl_end, n_items_at, versions = [], [], [], [], []
-        rec_rows, excl, due = [], [], []
+        pair_end, rec_end, excl_end, n_items_at = [], [], [], []
+        rec_rows, rec_known, excl, due = [], [], [], []
         n_pairs = n_recs = 0
         version = self.version
         for window_end, increments in windows:
             chunks = micro_batches(increments, batch_size)
+            frozen = self.frozen_at(window_end)
             for c, chunk in enumerate(chunks):
-                us, its, ws = self.positives(chunk)
+                if frozen:
+                    self.observe(chunk)
+                us, its, ws = self.positives(chunk) if not frozen else ([], [], [])
                 if len(us):
                     pu.append(us), pi.append(its), pw.append(ws), pn.append(self._sample_negatives(len(us)))
                     n_pairs += len(us)
@@ -220,9 +232,10 @@ class OnlineMF(Recommender):
                 if c == len(chunks) - 1:
                     for user in dict.fromkeys(inc.user_id for inc in increments):
                         row = self.users.get(user)
-                        if exclude_seen:
+                        if exclude_seen and row is not None:
                             excl.extend((n_recs, i) for i in self.seen.get(row, ()))
-                        rec_rows.append(row)
+                        rec_rows.append(0 if row is None else row)
+                        rec_known.append(0.0 if row is None else 1.0)
                         due.append((user, window_end, version))
                         n_recs += 1
                 rec_end.append(n_recs)
@@ -236,7 +249,8 @@ class OnlineMF(Recommender):
             values, indices = self._fused(
                 cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
                 cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
-                np.asarray(rec_end, np.int32), np.asarray(excl, np.int32).reshape(-1, 2),
+                np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32),
+                np.asarray(excl, np.int32).reshape(-1, 2),
                 np.asarray(excl_end, np.int32), np.asarray(n_items_at, np.int32), np.int32(k_eff))
         self.version = version
         values, indices = values.numpy(), indices.numpy()
@@ -247,7 +261,7 @@ class OnlineMF(Recommender):
                                                                    [float(x) for x in v_row[ok]]), ver))
         return out
 
-    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_end, excl, excl_end, n_items_at, k):
+    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_known, rec_end, excl, excl_end, n_items_at, k):
         cap = tf.shape(self._V)[0]
         columns = tf.range(cap)
         tops_v = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None, None])
@@ -260,7 +274,8 @@ class OnlineMF(Recommender):
             a, b = pair_start[s], pair_end[s]
             self._sgd_step(pu[a:b], pi[a:b], pn[a:b], pw[a:b])
             r0, r1 = rec_start[s], rec_end[s]
-            scores = tf.matmul(tf.gather(self._U, rec_rows[r0:r1]), self._V, transpose_b=True) + self._b
+            user_vecs = tf.gather(self._U, rec_rows[r0:r1]) * rec_known[r0:r1, None]  # unknown: popularity only
+            scores = tf.matmul(user_vecs, self._V, transpose_b=True) + self._b
             scores = tf.where(columns[None, :] < n_items_at[s], scores, float("-inf"))
             ex = excl[excl_start[s]:excl_end[s]]
             scores = tf.tensor_scatter_nd_update(scores, ex - tf.stack([r0, 0]), tf.fill([tf.shape(ex)[0]], float("-inf")))

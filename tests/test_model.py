@@ -121,3 +121,27 @@ def test_models_never_import_pyflink():
     code = ("import sys, freshet.models.online_mf, freshet.models.evaluation, freshet.models.events; "
             "sys.exit(1 if any(m.startswith('pyflink') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_frozen_model_stops_learning_but_keeps_filtering_seen_items(mcfg):
+    windows = random_windows(7)
+    cutoff = windows[15][0]
+    ref = OnlineMF(ModelConfig(**{**mcfg.__dict__, "freeze_after_ms": cutoff}))
+    fused = OnlineMF(ModelConfig(**{**mcfg.__dict__, "freeze_after_ms": cutoff}))
+    expected = Recommender.learn_windows(ref, windows, mcfg.batch_size, 5)
+    got = fused.learn_windows(windows, mcfg.batch_size, 5)
+    assert [(w.user_id, w.model_version, w.rec.items) for w in got] == \
+           [(w.user_id, w.model_version, w.rec.items) for w in expected]
+    frozen_versions = {w.model_version for w in got if w.window_end > cutoff}
+    assert len(frozen_versions) == 1                       # no update after the cutoff
+    after = fused.learn_windows([(10**9, [inc("u1", ["i1"]), inc("brand-new", ["i2"])])], mcfg.batch_size, 5)
+    assert "brand-new" not in fused.users.rows and all("i1" not in w.rec.items or w.user_id != "u1" for w in after)
+
+
+def test_popularity_baseline_ranks_by_cumulative_weight_and_filters_seen(mcfg):
+    from freshet.models.popularity import Popularity
+    m = Popularity(mcfg)
+    lists = m.learn_windows([(60, [inc("a", ["x", "y"]), inc("b", ["x"])]), (120, [inc("c", ["z"])])], 4, 3)
+    by_user = {(w.user_id, w.window_end): w.rec.items for w in lists}
+    assert by_user[("a", 60)] == [] and by_user[("b", 60)] == ["y"]
+    assert by_user[("c", 120)] == ["x", "y"]

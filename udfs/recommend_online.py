@@ -17,6 +17,9 @@ RECOMMENDATION_TYPE = Types.ROW_NAMED(["user_id", "payload"], [Types.STRING(), T
 
 def build_model(cfg: Config):
     """The model behind the job (built in the worker, so TensorFlow never loads in the client)."""
+    if cfg.model.kind == "popularity":
+        from freshet.models.popularity import Popularity
+        return Popularity(cfg.model)
     from freshet.models.online_mf import OnlineMF
     return OnlineMF(cfg.model)
 
