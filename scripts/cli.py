@@ -30,6 +30,37 @@ def cmd_kafka(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from freshet.ops.flink_cluster import LocalFlinkCluster
+    cluster = LocalFlinkCluster(_config(args))
+    if args.action == "start":
+        cluster.start()
+    elif args.action == "stop":
+        cluster.stop()
+    else:
+        status = cluster.status()
+        print(status)
+        return 0 if status.reachable else 3
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from freshet.ops import kafka_io
+    from freshet.ops.flink_cluster import LocalFlinkCluster
+    cfg = _config(args)
+    cluster = LocalFlinkCluster(cfg)
+    if not cluster.status().reachable:
+        raise RuntimeError(f"no Flink cluster at {cluster.url}; start one with `freshet cluster start`")
+    kafka_io.ensure_topics(cfg)
+    job_id = cluster.submit(args.config, args.bounded)
+    print(job_id)
+    if args.wait:
+        state = cluster.wait(job_id, timeout=args.wait)
+        print(f"job {job_id}: {state}", file=sys.stderr)
+        return 0 if state == "FINISHED" else 1
+    return 0
+
+
 def cmd_topics(args) -> int:
     from freshet.ops import kafka_io
     cfg = _config(args)
@@ -106,6 +137,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from freshet.ops.compare import compare
+    compare(_config(args), args.dataset, [s.strip() for s in args.systems.split(",") if s.strip()], args.out_dir)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from freshet.ops.runner import demo
     demo(_config(args), dataset=args.dataset)
@@ -129,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("kafka", cmd_kafka, "Start, stop or check the local Kafka broker (127.0.0.1; idempotent).")
     p.add_argument("action", choices=["start", "stop", "status"])
+
+    p = add("cluster", cmd_cluster, "Start, stop or check a local standalone Flink cluster (JobManager + "
+                                      "TaskManager on 127.0.0.1; web UI on local.flink_rest_port; idempotent).")
+    p.add_argument("action", choices=["start", "stop", "status"])
+
+    p = add("submit", cmd_submit, "Submit the job to the running Flink cluster with `flink run`; prints the job id.")
+    p.add_argument("--bounded", action="store_true", help="stop once the input topic is drained")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS for the job to finish; exit 0 only if it FINISHED")
 
     p = add("topics", cmd_topics, "Show record counts of, or reset (delete and recreate), the job's topics.")
     p.add_argument("action", choices=["status", "reset"])
@@ -164,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recs-file", type=Path, help="read lists from a JSON-lines dump instead of Kafka")
     p.add_argument("--k", type=int, default=10, help="cut-off K (HR@K, NDCG@K and @2K are reported)")
     p.add_argument("--out", type=Path, help="write the metrics (overall and per day) as JSON")
+
+    p = add("compare", cmd_compare, "Online model vs baselines (popularity, frozen), each through the real "
+                                      "pipeline on one replay; JSON, Markdown table and PNG plot of HR@10.")
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
+    p.add_argument("--systems", default="online,popularity,frozen", help="comma-separated subset")
+    p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where the reports go")
 
     p = add("demo", cmd_demo, "Start Kafka, replay MovieLens, run the job bounded, print recommendations and a summary.")
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])

@@ -1,0 +1,114 @@
+"""Quality of the online model next to its baselines, all through the real pipeline in one run.
+
+The log is replayed once into a fresh input topic; then each system runs as its own bounded job
+(Kafka -> Flink -> Kafka) on that same topic with its own output topic, and every output is scored
+by the same prequential evaluator (CONTRACTS §3). Results: JSON, a Markdown table, a PNG plot.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from freshet.conf.settings import Config
+from freshet.models.evaluation import evaluate
+from freshet.ops import kafka_io, replay, vendor
+from freshet.ops.runner import run_job
+
+FROZEN_SHARE = 0.2   # the frozen model learns from the first 20 % of the log (CONTRACTS §3)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    overrides: dict          # config sections -> keys, applied on top of the base config
+    description: str
+
+
+def systems_for(df: pd.DataFrame) -> dict[str, System]:
+    cutoff = int(df["ts"].quantile(FROZEN_SHARE))
+    return {
+        "online": System("online", {}, "Freshet's online model, updated every window"),
+        "popularity": System("popularity", {"model": {"kind": "popularity"}},
+                             "cumulative popularity, same seen-item filter and window cadence"),
+        "frozen": System("frozen", {"model": {"freeze_after_ms": cutoff}},
+                         f"the online model frozen after the first {FROZEN_SHARE:.0%} of the log (ts {cutoff})"),
+    }
+
+
+def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=print) -> dict:
+    from freshet.ops.kafka_local import LocalKafka
+    started = time.monotonic()
+    if cfg.kafka.bootstrap_servers == f"127.0.0.1:{cfg.local.kafka_port}":
+        LocalKafka(cfg).start(log)
+    df = replay.load_log(vendor.ensure_dataset(cfg.local.home_path(), dataset, log), "movielens")
+    available = systems_for(df)
+    unknown = [s for s in systems if s not in available]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; known: {', '.join(available)}")
+    tag = f"compare-{dataset}-{int(time.time())}"
+    base = cfg.replace(kafka={"input_topic": f"{tag}-events", "output_topic": f"{tag}-recs",
+                              "dlq_topic": f"{tag}-dlq"})
+    kafka_io.ensure_topics(base)
+    log(str(replay.replay(base, df)))
+    events = list(zip(df["user_id"], df["item_id"], df["ts"]))
+    results = {}
+    for name in systems:
+        system = available[name]
+        sections = {section: dict(values) for section, values in system.overrides.items()}
+        sections.setdefault("kafka", {}).update({"output_topic": f"{tag}-recs-{name}", "dlq_topic": f"{tag}-dlq-{name}",
+                                                 "group_id": f"{tag}-{name}"})
+        sections.setdefault("flink", {})["transactional_id_prefix"] = f"{tag}-{name}"
+        scfg = base.replace(**sections)
+        log(f"\n== {name}: {system.description}")
+        job_s = run_job(scfg, bounded=True, log=log)
+        recs = kafka_io.read_json(scfg, scfg.kafka.output_topic)
+        result = evaluate(events, recs, ks=(10, 20))
+        results[name] = {"description": system.description, "job_seconds": round(job_s, 1), "lists": len(recs),
+                         **{k: round(v, 5) for k, v in result.overall.items()},
+                         "by_day": {str(d): m["HR@10"] for d, m in sorted(result.by_day.items())}}
+        log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
+            f"HR@20 {result.overall['HR@20']:.4f}  coverage {result.overall['coverage']:.1%}  ({len(recs):,} lists)")
+    report = {"dataset": dataset, "events": len(df), "window_ms": cfg.window.size_ms,
+              "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
+              "wall_seconds": round(time.monotonic() - started, 1)}
+    write_report(report, out_dir, log)
+    kafka_io.delete_topics(base, [base.kafka.input_topic] + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq")])
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    rows = ["| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | job s |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["systems"].items():
+        rows.append(f"| {name} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['HR@20']:.4f} | {r['coverage']:.1%} | "
+                    f"{r['lists']:,} | {r['job_seconds']} |")
+    return "\n".join(rows)
+
+
+def write_report(report: dict, out_dir: Path, log=print) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"quality-{report['dataset']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown_table(report) + "\n")
+    log("\n" + markdown_table(report))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("(matplotlib not installed: no plot; pip install -e .[eval])")
+        return
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, r in report["systems"].items():
+        days = sorted(int(d) for d in r["by_day"])
+        series = pd.Series([r["by_day"][str(d)] for d in days], index=days).rolling(7, min_periods=1).mean()
+        ax.plot([pd.Timestamp(d * 86_400_000, unit="ms") for d in days], series.values, label=name)
+    ax.set_title(f"HR@10 over event time ({report['dataset']}, 7-day rolling mean)")
+    ax.set_ylabel("HR@10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=100)
+    log(f"written: {stem}.json, .md, .png")
