@@ -228,6 +228,15 @@ def _build(raw: Mapping[str, Any]) -> Config:
     return Config(**sections)
 
 
+def dump_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as a YAML file that :func:`load_config` reads back to the same config (for ``--config``)."""
+    data = {name: {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v)
+                   for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in _SECTION_TYPES}
+    path = Path(path)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read YAML from ``path`` (default ``conf/freshet.yaml``), apply ``FRESHET_<SECTION>__<KEY>`` overrides."""
     path = Path(path) if path else DEFAULT_CONFIG

@@ -53,8 +53,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
 class LocalFlinkCluster:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dir = cfg.local.home_path() / "flink-cluster"
         self.port = cfg.local.flink_rest_port
+        self.dir = cfg.local.home_path() / f"flink-cluster-{self.port}"  # one folder per cluster
         self.url = f"http://{HOST}:{self.port}"
 
     # ---- configuration ------------------------------------------------------------------------
@@ -67,7 +67,7 @@ class LocalFlinkCluster:
         (conf / "masters").write_text(f"{HOST}:{self.port}\n")
         (conf / "workers").write_text(f"{HOST}\n")
         settings = {
-            "jobmanager": {"rpc": {"address": HOST, "port": 6123}, "bind-host": HOST,
+            "jobmanager": {"rpc": {"address": HOST, "port": self.port + 1000}, "bind-host": HOST,
                            "memory": {"process": {"size": "1024m"}}},
             "taskmanager": {"bind-host": HOST, "host": HOST, "numberOfTaskSlots": 2,
                             "memory": {"process": {"size": "3072m"}}},

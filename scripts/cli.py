@@ -143,6 +143,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from freshet.ops import replay, tune, vendor
+    cfg = _config(args)
+    df = replay.load_log(vendor.ensure_dataset(cfg.local.home_path(), args.dataset), "movielens")
+    tune.tune(cfg, df, tune.parse_grid(args.grid), args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from freshet.ops.runner import demo
     demo(_config(args), dataset=args.dataset)
@@ -216,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
     p.add_argument("--systems", default="online,popularity,frozen", help="comma-separated subset")
     p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where the reports go")
+
+    p = add("tune", cmd_tune, "Grid search of model settings on a MovieLens log with the model alone (same "
+                                "increments and order as the job); one JSON line of HR@10 per setting.")
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
+    p.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
+                   help="model keys (and window_ms), e.g. learning_rate=0.2,0.8 negatives=8,32")
+    p.add_argument("--out", type=Path, help="write all rows as JSON")
 
     p = add("demo", cmd_demo, "Start Kafka, replay MovieLens, run the job bounded, print recommendations and a summary.")
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])

@@ -39,3 +39,10 @@ def test_secrets_are_hidden_when_printed():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_dumped_config_loads_back_identical(tmp_path):
+    from freshet.conf.settings import dump_config
+    cfg = load_config(env={}).replace(kafka={"input_topic": "x-in", "security": {"sasl.mechanism": "PLAIN"}},
+                                      model={"dim": 8})
+    assert load_config(dump_config(cfg, tmp_path / "c.yaml"), env={}) == cfg
