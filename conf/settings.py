@@ -127,6 +127,7 @@ MODEL_KINDS = ("bpr", "popularity")
 class ModelConfig:
     kind: str = "bpr"              # bpr: online matrix factorisation; popularity: the cumulative-popularity baseline
     freeze_after_ms: int = 0       # > 0: stop learning at this event time (the "frozen model" baseline)
+    sync_every_ms: int = 0         # > 0: lists use parameters synced from training every this much event time
     dim: int = 32
     learning_rate: float = 0.05
     negatives: int = 8
@@ -141,6 +142,7 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind must be one of {'|'.join(MODEL_KINDS)}, got {self.kind!r}")
         _require(self.freeze_after_ms >= 0, "model.freeze_after_ms must be >= 0 (0: never freeze)")
+        _require(self.sync_every_ms >= 0, "model.sync_every_ms must be >= 0 (0: lists use the newest parameters)")
         _require(self.dim >= 1, f"model.dim must be >= 1, got {self.dim}")
         _require(self.learning_rate > 0, f"model.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.negatives >= 1, f"model.negatives must be >= 1, got {self.negatives}")

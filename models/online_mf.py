@@ -91,6 +91,13 @@ class OnlineMF(Recommender):
             self._U = tf.Variable(self._init_rows("_U", cap), name="user_emb")
             self._V = tf.Variable(self._init_rows("_V", cap), name="item_emb")
             self._b = tf.Variable(tf.zeros([cap]), name="item_bias")
+        # Serving parameters (model.sync_every_ms > 0): copied from the trained ones at each sync point.
+        self._last_sync, self._synced_users, self._synced_items, self._synced_version = -1, 0, 0, 0
+        self._serving = None
+        if cfg.sync_every_ms > 0:
+            with tf.device(self.device):
+                self._serving = [tf.Variable(tf.zeros_like(v), name=f"serving{v.name[:-2]}")
+                                 for v in (self._U, self._V, self._b)]
         self._compile()
 
     # ---- tables ---------------------------------------------------------------------------------
@@ -124,6 +131,10 @@ class OnlineMF(Recommender):
                 if attr == "_V":
                     self._b = tf.Variable(tf.concat([self._b, tf.zeros([new_cap - cap])], 0), name="item_bias")
             grown = True
+        if grown and self._serving is not None:
+            with tf.device(self.device):
+                self._serving = [tf.Variable(tf.concat([s, tf.zeros([int(t.shape[0]) - int(s.shape[0])] + t.shape[1:], s.dtype)], 0))
+                                 for s, t in zip(self._serving, (self._U, self._V, self._b))]
         if grown:
             self._compile()
 
@@ -136,7 +147,7 @@ class OnlineMF(Recommender):
         self._fused = tf.function(self._fused_loop, input_signature=[
             i32([None]), i32([None]), i32([None, self.cfg.negatives]), tf.TensorSpec([None], tf.float32),
             i32([None]), i32([None]), tf.TensorSpec([None], tf.float32), i32([None]), i32([None, 2]), i32([None]),
-            i32([None]), i32([])])
+            i32([None]), i32([None]), i32([])])
 
     def _sgd_step(self, u_idx, p_idx, n_idx, w):
         lr, l2 = self.cfg.learning_rate, self.cfg.l2
@@ -213,7 +224,7 @@ class OnlineMF(Recommender):
         if not windows:
             return []
         pu, pi, pw, pn = [], [], [], []
-        pair_end, rec_end, excl_end, n_items_at = [], [], [], []
+        pair_end, rec_end, excl_end, n_items_at, sync = [], [], [], [], []
         rec_rows, rec_known, excl, due = [], [], [], []
         n_pairs = n_recs = 0
         version = self.version
@@ -229,18 +240,26 @@ class OnlineMF(Recommender):
                     n_pairs += len(us)
                     version += 1
                 pair_end.append(n_pairs)
-                if c == len(chunks) - 1:
+                last = c == len(chunks) - 1
+                syncing = last and self._serving is not None and window_end - self._last_sync >= self.cfg.sync_every_ms
+                if syncing:
+                    self._last_sync = window_end - window_end % self.cfg.sync_every_ms
+                    self._synced_users, self._synced_items, self._synced_version = self.n_users, self.n_items, version
+                sync.append(1 if syncing else 0)
+                served_version = version if self._serving is None else self._synced_version
+                if last:
                     for user in dict.fromkeys(inc.user_id for inc in increments):
                         row = self.users.get(user)
                         if exclude_seen and row is not None:
                             excl.extend((n_recs, i) for i in self.seen.get(row, ()))
                         rec_rows.append(0 if row is None else row)
-                        rec_known.append(0.0 if row is None else 1.0)
-                        due.append((user, window_end, version))
+                        known = row is not None and (self._serving is None or row < self._synced_users)
+                        rec_known.append(1.0 if known else 0.0)
+                        due.append((user, window_end, served_version))
                         n_recs += 1
                 rec_end.append(n_recs)
                 excl_end.append(len(excl))
-                n_items_at.append(self.n_items)
+                n_items_at.append(self.n_items if self._serving is None else self._synced_items)
         self._grow()
         k_eff = min(k, int(self._V.shape[0]))
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
@@ -251,7 +270,8 @@ class OnlineMF(Recommender):
                 cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
                 np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32),
                 np.asarray(excl, np.int32).reshape(-1, 2),
-                np.asarray(excl_end, np.int32), np.asarray(n_items_at, np.int32), np.int32(k_eff))
+                np.asarray(excl_end, np.int32), np.asarray(n_items_at, np.int32), np.asarray(sync, np.int32),
+                np.int32(k_eff))
         self.version = version
         values, indices = values.numpy(), indices.numpy()
         out = []
@@ -261,7 +281,7 @@ class OnlineMF(Recommender):
                                                                    [float(x) for x in v_row[ok]]), ver))
         return out
 
-    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_known, rec_end, excl, excl_end, n_items_at, k):
+    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_known, rec_end, excl, excl_end, n_items_at, sync, k):
         cap = tf.shape(self._V)[0]
         columns = tf.range(cap)
         tops_v = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None, None])
@@ -273,9 +293,15 @@ class OnlineMF(Recommender):
             tf.autograph.experimental.set_loop_options(parallel_iterations=1)
             a, b = pair_start[s], pair_end[s]
             self._sgd_step(pu[a:b], pi[a:b], pn[a:b], pw[a:b])
+            served = (self._U, self._V, self._b)
+            if self._serving is not None:
+                if sync[s] > 0:
+                    for target, source in zip(self._serving, served):
+                        target.assign(source)
+                served = self._serving
             r0, r1 = rec_start[s], rec_end[s]
-            user_vecs = tf.gather(self._U, rec_rows[r0:r1]) * rec_known[r0:r1, None]  # unknown: popularity only
-            scores = tf.matmul(user_vecs, self._V, transpose_b=True) + self._b
+            user_vecs = tf.gather(served[0], rec_rows[r0:r1]) * rec_known[r0:r1, None]  # unknown: popularity only
+            scores = tf.matmul(user_vecs, served[1], transpose_b=True) + served[2]
             scores = tf.where(columns[None, :] < n_items_at[s], scores, float("-inf"))
             ex = excl[excl_start[s]:excl_end[s]]
             scores = tf.tensor_scatter_nd_update(scores, ex - tf.stack([r0, 0]), tf.fill([tf.shape(ex)[0]], float("-inf")))

@@ -145,3 +145,26 @@ def test_popularity_baseline_ranks_by_cumulative_weight_and_filters_seen(mcfg):
     by_user = {(w.user_id, w.window_end): w.rec.items for w in lists}
     assert by_user[("a", 60)] == [] and by_user[("b", 60)] == ["y"]
     assert by_user[("c", 120)] == ["x", "y"]
+
+
+def test_synced_serving_lists_use_the_parameters_of_the_last_sync(mcfg):
+    windows = random_windows(8)                   # windows end every 60 s
+    every = 5 * 60_000
+    synced = OnlineMF(ModelConfig(**{**mcfg.__dict__, "sync_every_ms": every}))
+    got = synced.learn_windows(windows, mcfg.batch_size, 5)
+    # A model trained only up to the last sync point, serving its newest parameters, must give the
+    # same scores for the lists between syncs (same items where the seen filter allows).
+    sync_end = 10 * 60_000
+    upto = OnlineMF(mcfg)
+    upto.learn_windows([w for w in windows if w[0] <= sync_end], mcfg.batch_size, 5)
+    between = [w for w in got if sync_end < w.window_end < sync_end + every and w.rec.items]
+    assert between, "the random log must have lists between two syncs"
+    for wl in between:
+        assert wl.model_version == upto.version
+        row = upto.users.get(wl.user_id)
+        if row is None:
+            continue
+        fresh = dict(zip(*upto.recommend([wl.user_id], k=upto.n_items, exclude_seen=False)[0]))
+        for item, score in zip(wl.rec.items, wl.rec.scores):
+            assert score == pytest.approx(fresh[item], abs=1e-5)
+    assert OnlineMF(mcfg).learn_windows(windows, 4, 5) != got   # syncing changes what is served
