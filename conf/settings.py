@@ -49,7 +49,7 @@ class KafkaConfig:
 
     def __post_init__(self):
         _require(bool(self.bootstrap_servers), "kafka.bootstrap_servers must not be empty")
-        topics = [self.input_topic, self.output_topic, self.dlq_topic]
+        topics = self.topics()
         _require(all(topics), "kafka topics must not be empty")
         _require(len(set(topics)) == 3, f"kafka input, output and dead-letter topics must differ, got {topics}")
         _require(self.startup_mode in ("earliest-offset", "latest-offset", "group-offsets"),
@@ -59,6 +59,10 @@ class KafkaConfig:
             0 < self.transaction_timeout_ms <= 900000,
             "kafka.transaction_timeout_ms must be in (0, 900000] (the broker's default maximum is 15 min)",
         )
+
+    def topics(self) -> list[str]:
+        """Every topic the job reads or writes."""
+        return [self.input_topic, self.output_topic, self.dlq_topic]
 
     def client_properties(self) -> dict[str, str]:
         """Properties common to every Kafka client (producer, consumer, admin, Flink connector)."""

@@ -17,6 +17,7 @@ from pyflink.table import Schema, StreamTableEnvironment
 from freshet.conf.settings import Config, load_config
 from freshet.jobs import tables
 from freshet.ops import vendor
+from freshet.ops.python_workers import worker_environment
 from freshet.udfs.parse_events import DEAD_LETTERS, EVENT_TYPE, ParseEvents
 from freshet.udfs.recommend_online import RECOMMENDATION_TYPE, RecommendOnline
 
@@ -51,7 +52,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(tables.raw_source_ddl(cfg, "raw_events", bounded))
     t_env.execute_sql(tables.recommendations_sink_ddl(cfg, "recommendations_sink"))
-    t_env.execute_sql(tables.dead_letter_sink_ddl(cfg, "dead_letter_sink"))
+    t_env.execute_sql(tables.json_sink_ddl(cfg, "dead_letter_sink", cfg.kafka.dlq_topic, "dlq"))
 
     # Kafka -> (value bytes, topic, partition, offset), read in the JVM; per-partition watermarks from `ts`.
     raw = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `topic`, `partition`, `offset` FROM raw_events"))
@@ -72,7 +73,8 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # -> increment table: one row per (user, window) with aligned item/weight/count arrays (JVM windows).
     increments = t_env.to_data_stream(t_env.sql_query(tables.increments_query(cfg, "events")))
 
-    # -> keyed by user: micro-batched online learning, top-K per active user when the window closes.
+    # -> keyed by user: micro-batched online learning, top-K per active user when the window closes;
+    #    live quality (running HR@K of the lists against later events) as Flink metrics.
     recommendations = (increments
                        .key_by(lambda row: row[0])
                        .process(RecommendOnline(cfg), output_type=RECOMMENDATION_TYPE)
@@ -87,10 +89,8 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
 
 
 def prepare_local_runtime(cfg: Config) -> None:
-    """Python workers use this venv (thread mode embeds the interpreter found on PATH); logs go to <home>/logs."""
-    bin_dir = str(Path(sys.executable).parent)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    """The local runtime's JVM (started by this process) gets the Python worker environment; logs go to <home>/logs."""
+    os.environ.update(worker_environment())
     log_dir = cfg.local.home_path() / "logs" / "flink-local"
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))

@@ -91,8 +91,9 @@ def recommendations_sink_ddl(cfg: Config, name: str) -> str:
 )"""
 
 
-def dead_letter_sink_ddl(cfg: Config, name: str) -> str:
-    options = {**_sink_options(cfg, cfg.kafka.dlq_topic, "dlq"), "value.format": "raw"}
+def json_sink_ddl(cfg: Config, name: str, topic: str, suffix: str) -> str:
+    """A topic of JSON values without keys (dead letters, live metrics)."""
+    options = {**_sink_options(cfg, topic, suffix), "value.format": "raw"}
     return f"""CREATE TEMPORARY TABLE {name} (
   `payload` STRING
 ) WITH (

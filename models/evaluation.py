@@ -105,3 +105,41 @@ def evaluate(events: Iterable[tuple[str, str, int]], recs: Iterable[Mapping], ks
         total.add(rank, covered)
         slices.setdefault(ts // slice_ms, _Tally(ks)).add(rank, covered)
     return EvalResult(total.summary(), {d: t.summary() for d, t in slices.items()})
+
+
+class LiveHitRate:
+    """Running HR@K inside the job: each window's events against the newest earlier list of their user.
+
+    Feed it closed windows in ``window_end`` order: :meth:`score` before the window's own lists are known,
+    then :meth:`remember` those lists. That is the prequential protocol, so the figure matches
+    ``freshet eval`` on the same stream.
+
+    >>> from freshet.models.increments import Increment
+    >>> live = LiveHitRate(k=2)
+    >>> live.score([Increment("u", 60, ("a",), (1.0,), (3,), 3)])      # no list yet: 3 misses
+    >>> live.remember([("u", ["a", "b"])])
+    >>> live.score([Increment("u", 120, ("b", "z"), (1.0, 1.0), (2, 1), 3)])
+    >>> live.events, live.hits, round(live.hit_rate, 3)
+    (6, 2, 0.333)
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.events = 0
+        self.hits = 0
+        self._lists: dict[str, frozenset[str]] = {}
+
+    def score(self, increments) -> None:
+        for inc in increments:
+            top = self._lists.get(inc.user_id, frozenset())
+            self.events += inc.events
+            self.hits += sum(c for item, c in zip(inc.items, inc.counts) if item in top)
+
+    def remember(self, lists) -> None:
+        """``(user_id, items)`` pairs of the window just closed."""
+        for user, items in lists:
+            self._lists[user] = frozenset(items[: self.k])
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.events if self.events else 0.0

@@ -76,7 +76,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
               "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
               "wall_seconds": round(time.monotonic() - started, 1)}
     write_report(report, out_dir, log)
-    kafka_io.delete_topics(base, [base.kafka.input_topic] + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq")])
+    kafka_io.delete_topics(base, base.kafka.topics() + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq")])
     return report
 
 

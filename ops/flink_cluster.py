@@ -22,6 +22,7 @@ import yaml
 
 from freshet.conf.settings import Config
 from freshet.ops import processes
+from freshet.ops.python_workers import worker_environment
 
 HOST = "127.0.0.1"
 FLINK_HOME = Path(pyflink.__file__).parent
@@ -101,8 +102,7 @@ class LocalFlinkCluster:
             "FLINK_CONF_DIR": str(self._write_conf()),
             "FLINK_LOG_DIR": str(self.dir / "logs"),
             "FLINK_PID_DIR": str(self.dir / "pids"),
-            # the TaskManager's Python workers (thread mode) must find this venv's interpreter first
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            **worker_environment(),   # for the TaskManager's Python workers
         })
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "pids").mkdir(parents=True, exist_ok=True)

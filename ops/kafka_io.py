@@ -17,13 +17,13 @@ def admin(cfg: Config) -> AdminClient:
 
 
 def ensure_topics(cfg: Config, timeout: float = 60.0) -> list[str]:
-    """Create the input, output and dead-letter topics if missing; returns the names created.
+    """Create the job's topics (input, output, dead letters) if missing; returns the names created.
 
     Retries until every topic exists with partition leaders: right after a delete, Kafka may still
     answer "already exists" for a topic that is about to disappear.
     """
     client = admin(cfg)
-    wanted = [cfg.kafka.input_topic, cfg.kafka.output_topic, cfg.kafka.dlq_topic]
+    wanted = cfg.kafka.topics()
     created: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -117,7 +117,12 @@ def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
                 continue
             if msg.error():
                 if msg.error().code() == -191:  # _PARTITION_EOF
-                    at_end.add(msg.partition())
+                    # read_committed reports EOF at the last stable offset; a just-committed transaction's
+                    # markers land asynchronously, so only the high watermark means "read everything".
+                    _, high = consumer.get_watermark_offsets(TopicPartition(topic, msg.partition()), timeout=10,
+                                                             cached=False)
+                    if msg.offset() >= high:
+                        at_end.add(msg.partition())
                     continue
                 raise KafkaException(msg.error())
             at_end.discard(msg.partition())

@@ -64,7 +64,7 @@ def cmd_submit(args) -> int:
 def cmd_topics(args) -> int:
     from freshet.ops import kafka_io
     cfg = _config(args)
-    topics = [cfg.kafka.input_topic, cfg.kafka.output_topic, cfg.kafka.dlq_topic]
+    topics = cfg.kafka.topics()
     if args.action == "reset":
         kafka_io.delete_topics(cfg, topics)
         kafka_io.ensure_topics(cfg)

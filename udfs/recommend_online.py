@@ -9,6 +9,7 @@ from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction
 
 from freshet.conf.settings import Config
+from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
 
 # What leaves this function: (Kafka key, Kafka value) of one recommendation (CONTRACTS §2).
@@ -44,6 +45,9 @@ class RecommendOnline(KeyedProcessFunction):
         self.emitted = metrics.counter("recommendations_emitted")
         self.last_call_ms = 0.0
         metrics.gauge("last_model_call_ms", lambda: int(self.last_call_ms))
+        self.live = LiveHitRate(self.cfg.model.k)
+        metrics.gauge("live_hit_rate_ppm", lambda: int(self.live.hit_rate * 1_000_000))
+        metrics.gauge("live_events", lambda: int(self.live.events))
         metrics.gauge("model_version", lambda: int(self.model.version))
 
     def process_element(self, row, ctx):
@@ -66,3 +70,13 @@ class RecommendOnline(KeyedProcessFunction):
                        "window_end": wl.window_end, "model_version": wl.model_version, "emitted_at": emitted_at}
             yield Row(wl.user_id, json.dumps(payload, ensure_ascii=False))
         self.emitted.inc(len(lists))
+        self._score_live(closed, lists)
+
+    def _score_live(self, closed, lists):
+        """Prequential, window by window: score a window's events, then remember its lists."""
+        by_window: dict[int, list] = {}
+        for wl in lists:
+            by_window.setdefault(wl.window_end, []).append((wl.user_id, wl.rec.items))
+        for window_end, increments in closed:
+            self.live.score(increments)
+            self.live.remember(by_window.get(window_end, []))
