@@ -7,16 +7,17 @@ by the same prequential evaluator (CONTRACTS §3). Results: JSON, a Markdown tab
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from freshet.conf.settings import Config
+from freshet.conf.settings import Config, dump_config
 from freshet.models.evaluation import evaluate
 from freshet.ops import kafka_io, replay, vendor
-from freshet.ops.runner import run_job
 
 FROZEN_SHARE = 0.2   # the frozen model learns from the first 20 % of the log (CONTRACTS §3)
 
@@ -64,7 +65,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
         sections.setdefault("flink", {})["transactional_id_prefix"] = f"{tag}-{name}"
         scfg = base.replace(**sections)
         log(f"\n== {name}: {system.description}")
-        job_s = run_job(scfg, bounded=True, log=log)
+        job_s = _run_in_own_process(scfg, out_dir / f".{tag}-{name}.yaml", log)
         recs = kafka_io.read_json(scfg, scfg.kafka.output_topic)
         result = evaluate(events, recs, ks=(10, 20))
         results[name] = {"description": system.description, "job_seconds": round(job_s, 1), "lists": len(recs),
@@ -78,6 +79,21 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     write_report(report, out_dir, log)
     kafka_io.delete_topics(base, base.kafka.topics() + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq")])
     return report
+
+
+def _run_in_own_process(cfg: Config, config_file: Path, log=print) -> float:
+    """One job per process: a second job on the same PyFlink gateway in one process does not run cleanly."""
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, config_file)
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "freshet.scripts.cli", "run", "--bounded", "--config",
+                               str(config_file)], capture_output=True, text=True)
+    finally:
+        config_file.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return time.monotonic() - started
 
 
 def markdown_table(report: dict) -> str:
