@@ -36,6 +36,10 @@ class ClusterStatus:
     slots_total: int = 0
     jobs_running: int = 0
 
+    @property
+    def running(self) -> bool:
+        return self.reachable and self.taskmanagers > 0
+
     def __str__(self) -> str:
         if not self.reachable:
             return f"flink cluster not running ({self.url} unreachable)"
@@ -130,7 +134,7 @@ class LocalFlinkCluster:
 
     def start(self, log=print, timeout: float = 90.0) -> ClusterStatus:
         current = self.status()
-        if current.reachable and current.taskmanagers > 0:
+        if current.running:
             log(f"{current} (already)")
             return current
         if processes.port_open(HOST, self.port):
@@ -143,7 +147,7 @@ class LocalFlinkCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
-            if status.reachable and status.taskmanagers > 0:
+            if status.running:
                 log(str(status))
                 return status
             time.sleep(0.5)

@@ -16,32 +16,24 @@ def _config(args) -> Config:
     return cfg
 
 
-def cmd_kafka(args) -> int:
-    from freshet.ops.kafka_local import LocalKafka
-    kafka = LocalKafka(_config(args))
-    if args.action == "start":
-        kafka.start()
-    elif args.action == "stop":
-        kafka.stop()
-    else:
-        status = kafka.status()
+def _service(service, action: str) -> int:
+    """start | stop | status of a local service (Kafka broker, Flink cluster); status exits 3 when down."""
+    if action == "status":
+        status = service.status()
         print(status)
         return 0 if status.running else 3
+    getattr(service, action)()
     return 0
+
+
+def cmd_kafka(args) -> int:
+    from freshet.ops.kafka_local import LocalKafka
+    return _service(LocalKafka(_config(args)), args.action)
 
 
 def cmd_cluster(args) -> int:
     from freshet.ops.flink_cluster import LocalFlinkCluster
-    cluster = LocalFlinkCluster(_config(args))
-    if args.action == "start":
-        cluster.start()
-    elif args.action == "stop":
-        cluster.stop()
-    else:
-        status = cluster.status()
-        print(status)
-        return 0 if status.reachable else 3
-    return 0
+    return _service(LocalFlinkCluster(_config(args)), args.action)
 
 
 def cmd_submit(args) -> int:
