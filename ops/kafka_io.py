@@ -82,12 +82,14 @@ class Message:
 
 
 def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
-               max_wait: float = 120.0, follow: bool = False, from_beginning: bool = True,
+               idle_timeout: float = 60.0, follow: bool = False, from_beginning: bool = True,
                group_id: str | None = None) -> Iterator[Message]:
     """Yield a topic's records. Unless ``follow``, stop once every partition is read to its end.
 
     With ``read_committed`` (the default) only records of committed transactions are returned, as the
-    exactly-once contract requires of readers.
+    exactly-once contract requires of readers. A read that makes no progress for ``idle_timeout``
+    seconds before reaching the end raises :class:`TopicNotDrained` (an open transaction holds the
+    last stable offset back, for instance) instead of returning a silently partial result.
     """
     props = {**cfg.kafka.client_properties(),
              "group.id": group_id or f"freshet-reader-{time.time_ns()}",
@@ -107,13 +109,17 @@ def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
         else:
             consumer.subscribe([topic])
         at_end: set[int] = set()
-        started = time.monotonic()
+        position: dict[int, int] = {}
+        progress = time.monotonic()
         while True:
             msg = consumer.poll(0.5)
-            now = time.monotonic()
             if msg is None:
-                if not follow and (len(at_end) == len(partitions) or now - started > max_wait):
+                if not follow and len(at_end) == len(partitions):
                     return
+                if not follow and time.monotonic() - progress > idle_timeout:
+                    raise TopicNotDrained(topic, {p: position.get(p, 0) for p in partitions},
+                                          {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10,
+                                                                             cached=False)[1] for p in partitions})
                 continue
             if msg.error():
                 if msg.error().code() == -191:  # _PARTITION_EOF
@@ -121,14 +127,30 @@ def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
                     # markers land asynchronously, so only the high watermark means "read everything".
                     _, high = consumer.get_watermark_offsets(TopicPartition(topic, msg.partition()), timeout=10,
                                                              cached=False)
+                    position[msg.partition()] = msg.offset()
                     if msg.offset() >= high:
                         at_end.add(msg.partition())
+                        progress = time.monotonic()
                     continue
                 raise KafkaException(msg.error())
             at_end.discard(msg.partition())
+            position[msg.partition()] = msg.offset() + 1
+            progress = time.monotonic()
             yield Message(msg.key(), msg.value(), msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
     finally:
         consumer.close()
+
+
+class TopicNotDrained(RuntimeError):
+    """A non-following read stalled before the end of its topic."""
+
+    def __init__(self, topic: str, position: dict[int, int], high: dict[int, int]):
+        self.topic, self.position, self.high = topic, position, high
+        lag = {p: high[p] - position[p] for p in high if high[p] > position[p]}
+        super().__init__(f"reading {topic!r} stalled before its end (partition: records behind the high watermark "
+                         f"{lag}); a read_committed reader cannot pass an open transaction: is a job still "
+                         f"writing, or did a producer die mid-transaction (it is aborted after the "
+                         f"transaction timeout)?")
 
 
 def read_json(cfg: Config, topic: str, **kwargs) -> list[dict]:
