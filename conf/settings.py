@@ -140,6 +140,10 @@ class ModelConfig:
     k: int = 10
     exclude_seen: bool = True
     initial_capacity: int = 1024
+    max_users: int = 1_000_000     # rows per table at most (memory bound); the stalest rows are evicted beyond
+    max_items: int = 1_000_000
+    admit_after: int = 1           # an id gets its own row after this many events; until then a shared fallback row
+    expire_after_ms: int = 0       # > 0: rows of ids unseen for this much event time are evicted
     seed: int = 7
     device: str = "auto"
 
@@ -154,6 +158,9 @@ class ModelConfig:
         _require(self.batch_size >= 1, f"model.batch_size must be >= 1, got {self.batch_size}")
         _require(self.k >= 1, f"model.k must be >= 1, got {self.k}")
         _require(self.initial_capacity >= 2, "model.initial_capacity must be >= 2")
+        _require(self.max_users >= 1 and self.max_items >= 1, "model.max_users and model.max_items must be >= 1")
+        _require(self.admit_after >= 1, f"model.admit_after must be >= 1, got {self.admit_after}")
+        _require(self.expire_after_ms >= 0, "model.expire_after_ms must be >= 0 (0: never expire)")
         _require(self.device in ("auto", "cpu", "gpu"), f"model.device must be auto|cpu|gpu, got {self.device!r}")
 
 

@@ -51,6 +51,9 @@ class Recommender(ABC):
         freeze = self.cfg.freeze_after_ms
         return 0 < freeze < window_end
 
+    def maintain(self, now: int) -> None:
+        """Housekeeping before a model call at event time ``now`` (expiry of stale ids); none by default."""
+
     @abstractmethod
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
         """Top-``k`` items for each user, over the whole catalogue known so far."""
@@ -63,6 +66,8 @@ class Recommender(ABC):
         reference implementation; a model may fuse the loop (see ``OnlineMF``) but must give the same result.
         """
         out = []
+        if windows:
+            self.maintain(windows[0][0])
         for window_end, increments in windows:
             for batch in micro_batches(increments, batch_size):
                 self.observe(batch) if self.frozen_at(window_end) else self.learn_many(batch)

@@ -5,7 +5,11 @@ allocated in a capacity that doubles when full. Each micro-batch is one ``tf.fun
 touches only the rows it gathers (sparse updates), so a step costs O(batch), not O(catalogue).
 
 Score of user u for item i: ``<U[u], V[i]> + b[i]``; the item bias carries popularity, so a user the
-model barely knows still gets a sensible list.
+model does not know yet gets a popularity list.
+
+Rows are handed out by :class:`~freshet.models.id_table.IdTable`: admission after ``model.admit_after``
+events (a shared fallback row until then), expiry after ``model.expire_after_ms`` of event time, and at
+most ``model.max_users`` / ``model.max_items`` rows, so memory is bounded whatever the number of ids.
 
 >>> from freshet.conf.settings import ModelConfig
 >>> from freshet.models.increments import Increment
@@ -33,6 +37,7 @@ import tensorflow as tf  # noqa: E402
 
 from freshet.conf.settings import ModelConfig  # noqa: E402
 from freshet.models.base import Recommendation, Recommender, StepStats, WindowList, micro_batches  # noqa: E402
+from freshet.models.id_table import NEVER, IdTable  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
 
 
@@ -80,19 +85,23 @@ class OnlineMF(Recommender):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        self.users = IdIndex()
-        self.items = IdIndex()
-        self.seen: dict[int, set[int]] = {}
+        self.users = IdTable(cfg.max_users, cfg.admit_after)
+        self.items = IdTable(cfg.max_items, cfg.admit_after)
+        self.seen: dict[str, set[int]] = {}   # user id -> item rows it interacted with (the seen-item filter)
         self.version = 0
+        self.steps = 0                        # micro-batches gone through (learned or observed)
+        self._next_expiry = -1
         # One random stream per purpose, so results do not depend on how work is grouped into calls.
-        self._rngs = {name: np.random.default_rng([cfg.seed, j]) for j, name in enumerate(("_U", "_V", "neg"))}
+        self._rngs = {name: np.random.default_rng([cfg.seed, j])
+                      for j, name in enumerate(("_U", "_V", "neg", "reinit_U", "reinit_V"))}
         cap = cfg.initial_capacity
         with tf.device(self.device):
             self._U = tf.Variable(self._init_rows("_U", cap), name="user_emb")
             self._V = tf.Variable(self._init_rows("_V", cap), name="item_emb")
             self._b = tf.Variable(tf.zeros([cap]), name="item_bias")
-        # Serving parameters (model.sync_every_ms > 0): copied from the trained ones at each sync point.
-        self._last_sync, self._synced_users, self._synced_items, self._synced_version = -1, 0, 0, 0
+        # Serving parameters (model.sync_every_ms > 0): copied from the trained ones at each sync point;
+        # rows born after the last sync (step > _sync_step) are not served yet.
+        self._last_sync, self._sync_step, self._synced_version = -1, -1, 0
         self._serving = None
         if cfg.sync_every_ms > 0:
             with tf.device(self.device):
@@ -106,6 +115,7 @@ class OnlineMF(Recommender):
 
     @property
     def n_users(self) -> int:
+        """Users with a row of their own (admitted, not expired)."""
         return len(self.users)
 
     @property
@@ -118,7 +128,7 @@ class OnlineMF(Recommender):
     def _grow(self) -> None:
         """Double a table's capacity until its ids fit; re-trace the step once per growth."""
         grown = False
-        for attr, n in (("_U", self.n_users), ("_V", self.n_items)):
+        for attr, n in (("_U", self.users.high), ("_V", self.items.high)):
             var = getattr(self, attr)
             cap = int(var.shape[0])
             if n <= cap:
@@ -138,6 +148,34 @@ class OnlineMF(Recommender):
         if grown:
             self._compile()
 
+    def maintain(self, now: int) -> None:
+        """Before a model call at event time ``now``: expire stale rows (at most every 1/8 of the horizon)."""
+        horizon = self.cfg.expire_after_ms
+        if horizon > 0 and now >= self._next_expiry:
+            self.users.expire(now, horizon)
+            self.items.expire(now, horizon)
+            self._next_expiry = now + max(horizon // 8, 1)
+            self._forget_evicted()
+
+    def _forget_evicted(self) -> None:
+        """Drop what was kept about ids that lost their rows (seen sets; evicted items from every set)."""
+        for user, _ in self.users.drain_evicted():
+            self.seen.pop(user, None)
+        gone = {row for _, row in self.items.drain_evicted() if row}
+        if gone:
+            for seen in self.seen.values():
+                seen.difference_update(gone)
+
+    def _reinit_reused(self) -> None:
+        """Rows handed to a new id after an eviction start afresh (random vector, zero bias)."""
+        for table, attr in ((self.users, "_U"), (self.items, "_V")):
+            rows = table.drain_reused()
+            if rows:
+                fresh = self._rngs[f"reinit{attr}"].normal(0.0, 0.1, size=(len(rows), self.cfg.dim)).astype(np.float32)
+                getattr(self, attr).scatter_nd_update(np.asarray(rows, np.int32)[:, None], fresh)
+                if attr == "_V":
+                    self._b.scatter_nd_update(np.asarray(rows, np.int32)[:, None], np.zeros(len(rows), np.float32))
+
     # ---- learning -------------------------------------------------------------------------------
     def _compile(self) -> None:
         spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
@@ -147,7 +185,7 @@ class OnlineMF(Recommender):
         self._fused = tf.function(self._fused_loop, input_signature=[
             i32([None]), i32([None]), i32([None, self.cfg.negatives]), tf.TensorSpec([None], tf.float32),
             i32([None]), i32([None]), tf.TensorSpec([None], tf.float32), i32([None]), i32([None, 2]), i32([None]),
-            i32([None]), i32([None]), i32([])])
+            i32([None]), i32([None]), i32([None]), i32([])])
 
     def _sgd_step(self, u_idx, p_idx, n_idx, w):
         lr, l2 = self.cfg.learning_rate, self.cfg.l2
@@ -172,38 +210,48 @@ class OnlineMF(Recommender):
         self._b.scatter_sub(tf.IndexedSlices(lr * tf.reshape(gbn, [-1]), flat_n))
         return tf.reduce_sum(w * pair_loss) / tf.maximum(tf.reduce_sum(w), 1e-9)
 
-    def positives(self, batch: Sequence[Increment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Register the batch's ids and interactions; return (user rows, item rows, pair weights)."""
+    def positives(self, batch: Sequence[Increment], step: int, protect_from: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Register the batch's ids and interactions at model step ``step``; return (user rows, item
+        rows, pair weights). Ids not admitted (yet) train the shared fallback row 0."""
         us, its, ws = [], [], []
+        users, items = self.users, self.items
         for inc in batch:
-            u = self.users.add(inc.user_id)
-            seen = self.seen.setdefault(u, set())
-            for item, weight in zip(inc.items, inc.weights):
-                i = self.items.add(item)
-                seen.add(i)
+            u = users.lookup(inc.user_id, inc.window_end, step, inc.events, protect_from)
+            seen = self.seen.setdefault(inc.user_id, set()) if u or inc.user_id in users.pending else None
+            for item, weight, count in zip(inc.items, inc.weights, inc.counts):
+                i = items.lookup(item, inc.window_end, step, count, protect_from)
+                if i and seen is not None:
+                    seen.add(i)
                 if weight > 0:
                     us.append(u)
                     its.append(i)
                     ws.append(np.log1p(weight))
+        self._forget_evicted()
         return (np.asarray(us, np.int32), np.asarray(its, np.int32), np.asarray(ws, np.float32))
 
     def _sample_negatives(self, n: int) -> np.ndarray:
-        """Uniform negatives over the items known so far."""
-        return self._rngs["neg"].integers(0, self.n_items, size=(n, self.cfg.negatives), dtype=np.int32)
+        """Uniform negatives over the items that have a row now."""
+        live = self.items.live_rows()
+        if len(live) == 0:
+            return np.zeros((n, self.cfg.negatives), np.int32)
+        return live[self._rngs["neg"].integers(0, len(live), size=(n, self.cfg.negatives))]
 
     def observe(self, batch: Sequence[Increment]) -> None:
         """Frozen: known users' seen items grow; no new ids, no parameter change."""
         for inc in batch:
-            u = self.users.get(inc.user_id)
-            if u is not None:
-                self.seen.setdefault(u, set()).update(
-                    i for i in (self.items.get(item) for item in inc.items) if i is not None)
+            seen = self.seen.get(inc.user_id)
+            if seen is not None:
+                seen.update(i for i in (self.items.get(item) for item in inc.items) if i is not None)
+        self.steps += 1
 
     def learn_many(self, batch: Sequence[Increment]) -> StepStats:
         """One optimizer step on the batch's positive pairs, each against ``negatives`` sampled items."""
         started = time.perf_counter()
-        us, its, ws = self.positives(batch)
+        us, its, ws = self.positives(batch, self.steps)
+        self.steps += 1
         self._grow()
+        self._reinit_reused()
         if len(us) == 0:
             return StepStats(0.0, 0, time.perf_counter() - started)
         negs = self._sample_negatives(len(us))
@@ -223,18 +271,24 @@ class OnlineMF(Recommender):
         """
         if not windows:
             return []
+        self.maintain(windows[0][0])
         pu, pi, pw, pn = [], [], [], []
-        pair_end, rec_end, excl_end, n_items_at, sync = [], [], [], [], []
+        pair_end, rec_end, excl_end, visible, sync = [], [], [], [], []
         rec_rows, rec_known, excl, due = [], [], [], []
         n_pairs = n_recs = 0
         version = self.version
+        step0 = self.steps
         for window_end, increments in windows:
             chunks = micro_batches(increments, batch_size)
             frozen = self.frozen_at(window_end)
             for c, chunk in enumerate(chunks):
+                step = self.steps
                 if frozen:
                     self.observe(chunk)
-                us, its, ws = self.positives(chunk) if not frozen else ([], [], [])
+                    us = []
+                else:
+                    us, its, ws = self.positives(chunk, step, protect_from=step0)
+                    self.steps += 1
                 if len(us):
                     pu.append(us), pi.append(its), pw.append(ws), pn.append(self._sample_negatives(len(us)))
                     n_pairs += len(us)
@@ -244,23 +298,27 @@ class OnlineMF(Recommender):
                 syncing = last and self._serving is not None and window_end - self._last_sync >= self.cfg.sync_every_ms
                 if syncing:
                     self._last_sync = window_end - window_end % self.cfg.sync_every_ms
-                    self._synced_users, self._synced_items, self._synced_version = self.n_users, self.n_items, version
+                    self._sync_step, self._synced_version = step, version
                 sync.append(1 if syncing else 0)
                 served_version = version if self._serving is None else self._synced_version
+                served_step = step if self._serving is None else self._sync_step
                 if last:
                     for user in dict.fromkeys(inc.user_id for inc in increments):
                         row = self.users.get(user)
-                        if exclude_seen and row is not None:
-                            excl.extend((n_recs, i) for i in self.seen.get(row, ()))
-                        rec_rows.append(0 if row is None else row)
-                        known = row is not None and (self._serving is None or row < self._synced_users)
+                        if exclude_seen:
+                            excl.extend((n_recs, i) for i in self.seen.get(user, ()))
+                        rec_rows.append(row or 0)
+                        known = row is not None and self.users.born[row] <= served_step
                         rec_known.append(1.0 if known else 0.0)
                         due.append((user, window_end, served_version))
                         n_recs += 1
                 rec_end.append(n_recs)
                 excl_end.append(len(excl))
-                n_items_at.append(self.n_items if self._serving is None else self._synced_items)
+                visible.append(served_step - step0)  # items born at or before this step are listed
         self._grow()
+        self._reinit_reused()
+        born = np.full(int(self._V.shape[0]), 1 << 30, np.int64)
+        born[: self.items.high] = np.clip(self.items.born[: self.items.high] - step0, -(1 << 30), 1 << 30)
         k_eff = min(k, int(self._V.shape[0]))
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
                else np.zeros(shape, dtype))
@@ -270,8 +328,8 @@ class OnlineMF(Recommender):
                 cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
                 np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32),
                 np.asarray(excl, np.int32).reshape(-1, 2),
-                np.asarray(excl_end, np.int32), np.asarray(n_items_at, np.int32), np.asarray(sync, np.int32),
-                np.int32(k_eff))
+                np.asarray(excl_end, np.int32), born.astype(np.int32), np.asarray(visible, np.int32),
+                np.asarray(sync, np.int32), np.int32(k_eff))
         self.version = version
         values, indices = values.numpy(), indices.numpy()
         out = []
@@ -281,9 +339,8 @@ class OnlineMF(Recommender):
                                                                    [float(x) for x in v_row[ok]]), ver))
         return out
 
-    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_known, rec_end, excl, excl_end, n_items_at, sync, k):
-        cap = tf.shape(self._V)[0]
-        columns = tf.range(cap)
+    def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_known, rec_end, excl, excl_end, item_born, visible,
+                    sync, k):
         tops_v = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None, None])
         tops_i = tf.TensorArray(tf.int32, size=0, dynamic_size=True, infer_shape=False, element_shape=[None, None])
         pair_start = tf.concat([[0], pair_end[:-1]], 0)
@@ -302,7 +359,7 @@ class OnlineMF(Recommender):
             r0, r1 = rec_start[s], rec_end[s]
             user_vecs = tf.gather(served[0], rec_rows[r0:r1]) * rec_known[r0:r1, None]  # unknown: popularity only
             scores = tf.matmul(user_vecs, served[1], transpose_b=True) + served[2]
-            scores = tf.where(columns[None, :] < n_items_at[s], scores, float("-inf"))
+            scores = tf.where(item_born[None, :] <= visible[s], scores, float("-inf"))
             ex = excl[excl_start[s]:excl_end[s]]
             scores = tf.tensor_scatter_nd_update(scores, ex - tf.stack([r0, 0]), tf.fill([tf.shape(ex)[0]], float("-inf")))
             top = tf.math.top_k(scores, k=k)
@@ -316,14 +373,18 @@ class OnlineMF(Recommender):
         if n_items == 0 or not users:
             return [Recommendation([], []) for _ in users]
         rows = [self.users.get(u) for u in users]
-        known = np.asarray([r if r is not None else 0 for r in rows], np.int32)
+        known = np.asarray([r or 0 for r in rows], np.int32)
+        high = self.items.high
+        live = np.zeros(high, bool)
+        live[self.items.live_rows()] = True
         with tf.device(self.device):
             user_vecs = tf.gather(self._U, known)
-            # Users the model has never seen get bias-only (popularity) scores.
+            # Users the model does not know (yet) get bias-only (popularity) scores.
             user_vecs = user_vecs * tf.constant([[0.0 if r is None else 1.0] for r in rows])
-            scores = tf.matmul(user_vecs, self._V[:n_items], transpose_b=True) + self._b[:n_items]
+            scores = tf.matmul(user_vecs, self._V[:high], transpose_b=True) + self._b[:high]
+            scores = tf.where(live[None, :], scores, float("-inf"))
             if exclude_seen:
-                pairs = [(j, i) for j, r in enumerate(rows) if r is not None for i in self.seen.get(r, ())]
+                pairs = [(j, i) for j, u in enumerate(users) for i in self.seen.get(u, ())]
                 if pairs:
                     scores = tf.tensor_scatter_nd_update(
                         scores, tf.constant(pairs, tf.int32), tf.fill([len(pairs)], float("-inf")))
@@ -336,35 +397,55 @@ class OnlineMF(Recommender):
         return out
 
     # ---- persistence ----------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything the model knows, as named arrays (no pickles): parameters, id tables, seen sets,
+        counters and random-stream positions, so a restored model continues exactly where this one is."""
+        seen_users = sorted(self.seen)
+        state = {
+            "user_emb": self._U.numpy()[: self.users.high], "item_emb": self._V.numpy()[: self.items.high],
+            "item_bias": self._b.numpy()[: self.items.high],
+            "counters": np.asarray([self.version, self.steps, self._next_expiry, self._last_sync, self._sync_step,
+                                    self._synced_version], np.int64),
+            **self.users.state("users"), **self.items.state("items"),
+            "seen_users": np.asarray(seen_users, dtype=object).astype(str),
+            "seen_ptr": np.cumsum([0] + [len(self.seen[u]) for u in seen_users]).astype(np.int64),
+            "seen_items": np.asarray([i for u in seen_users for i in sorted(self.seen[u])], np.int64),
+            "rng_state": np.frombuffer(json.dumps({k: r.bit_generator.state for k, r in self._rngs.items()}).encode(),
+                                       np.uint8),
+            "config": np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8)}
+        if self._serving is not None:
+            state.update({f"serving_{j}": v.numpy() for j, v in enumerate(self._serving)})
+        return state
+
     def save(self, path: Path) -> Path:
         path = Path(path)
-        seen_users = sorted(self.seen)
-        np.savez_compressed(
-            path, user_emb=self._U.numpy()[: self.n_users], item_emb=self._V.numpy()[: self.n_items],
-            item_bias=self._b.numpy()[: self.n_items], version=np.int64(self.version),
-            user_ids=np.asarray(self.users.ids, dtype=object).astype(str),
-            item_ids=np.asarray(self.items.ids, dtype=object).astype(str),
-            seen_users=np.asarray(seen_users, np.int64),
-            seen_ptr=np.cumsum([0] + [len(self.seen[u]) for u in seen_users]).astype(np.int64),
-            seen_items=np.asarray([i for u in seen_users for i in sorted(self.seen[u])], np.int64),
-            rng_state=np.frombuffer(json.dumps({k: r.bit_generator.state for k, r in self._rngs.items()}).encode(), np.uint8),
-            config=np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8))
+        np.savez_compressed(path, **self.state())
         return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
 
     @classmethod
-    def restore(cls, path: Path, cfg: ModelConfig) -> "OnlineMF":
+    def restore(cls, path, cfg: ModelConfig) -> "OnlineMF":
+        """From :meth:`save`'s file (or a file-like object holding one)."""
         with np.load(path, allow_pickle=False) as z:
-            model = cls(cfg)
-            model.users = IdIndex([str(x) for x in z["user_ids"]])
-            model.items = IdIndex([str(x) for x in z["item_ids"]])
-            model._grow()
-            with tf.device(model.device):
-                model._U[: model.n_users].assign(z["user_emb"])
-                model._V[: model.n_items].assign(z["item_emb"])
-                model._b[: model.n_items].assign(z["item_bias"])
-            ptr, items = z["seen_ptr"], z["seen_items"]
-            model.seen = {int(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}
-            model.version = int(z["version"])
-            for name, state in json.loads(bytes(z["rng_state"]).decode()).items():
-                model._rngs[name].bit_generator.state = state
+            return cls.from_state(z, cfg)
+
+    @classmethod
+    def from_state(cls, z, cfg: ModelConfig) -> "OnlineMF":
+        model = cls(cfg)
+        model.users = IdTable.from_state(z, "users", cfg.max_users, cfg.admit_after)
+        model.items = IdTable.from_state(z, "items", cfg.max_items, cfg.admit_after)
+        model._grow()
+        with tf.device(model.device):
+            model._U[: model.users.high].assign(z["user_emb"])
+            model._V[: model.items.high].assign(z["item_emb"])
+            model._b[: model.items.high].assign(z["item_bias"])
+            if model._serving is not None:
+                for j, var in enumerate(model._serving):
+                    saved = z[f"serving_{j}"][: int(var.shape[0])]
+                    var[: len(saved)].assign(saved)
+        ptr, items = z["seen_ptr"], z["seen_items"]
+        model.seen = {str(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}
+        (model.version, model.steps, model._next_expiry, model._last_sync, model._sync_step,
+         model._synced_version) = (int(x) for x in z["counters"])
+        for name, state in json.loads(bytes(z["rng_state"]).decode()).items():
+            model._rngs[name].bit_generator.state = state
         return model

@@ -104,7 +104,7 @@ def test_save_and_restore_round_trip(mcfg, tmp_path):
     path = m.save(tmp_path / "model")
     r = OnlineMF.restore(path, mcfg)
     assert (r.version, r.n_users, r.n_items, r.seen) == (m.version, m.n_users, m.n_items, m.seen)
-    users = m.users.ids[:5]
+    users = list(m.users.rows)[:5]
     assert r.recommend(users, 5) == m.recommend(users, 5)
     more = random_windows(5)
     assert [w.rec for w in r.learn_windows(more, 4, 5)] == [w.rec for w in m.learn_windows(more, 4, 5)]
@@ -168,3 +168,64 @@ def test_synced_serving_lists_use_the_parameters_of_the_last_sync(mcfg):
         for item, score in zip(wl.rec.items, wl.rec.scores):
             assert score == pytest.approx(fresh[item], abs=1e-5)
     assert OnlineMF(mcfg).learn_windows(windows, 4, 5) != got   # syncing changes what is served
+
+
+def test_fused_equals_reference_with_admission_and_expiry(mcfg):
+    cfg = ModelConfig(**{**mcfg.__dict__, "admit_after": 2, "expire_after_ms": 8 * 60_000})
+    windows = random_windows(9, n_windows=40)
+    ref, fused = OnlineMF(cfg), OnlineMF(cfg)
+    # expiry runs at the start of each call, so both get the same calls
+    expected = [w for j in range(0, 40, 7) for w in Recommender.learn_windows(ref, windows[j:j + 7], cfg.batch_size, 5)]
+    got = [w for j in range(0, 40, 7) for w in fused.learn_windows(windows[j:j + 7], cfg.batch_size, 5)]
+    assert [(w.user_id, w.window_end, w.rec.items) for w in got] == \
+           [(w.user_id, w.window_end, w.rec.items) for w in expected]
+    assert fused.users.evictions > 0 and fused.items.evictions > 0   # the rules were exercised
+    np.testing.assert_allclose(fused._V.numpy(), ref._V.numpy(), atol=1e-6)
+
+
+def test_admission_an_id_gets_its_own_row_after_n_events(mcfg):
+    m = OnlineMF(ModelConfig(**{**mcfg.__dict__, "admit_after": 3}))
+    m.learn_many([inc("u1", ["a", "b"])])            # u1: 2 events, a and b: 1 each
+    assert m.users.get("u1") is None and m.items.get("a") is None and m.n_items == 0
+    m.learn_many([inc("u1", ["a"]), inc("u2", ["a", "b", "c"])])
+    assert m.users.get("u1") is not None and m.users.get("u2") is not None   # 3 events each
+    assert m.items.get("a") is not None and m.items.get("b") is None          # a: 3 events, b: 2
+    assert m.recommend(["u2"], k=5)[0].items == []   # u2 saw a; b and c are not admitted: nothing left
+    assert m.version == 2                            # the fallback row learned from the early events
+
+
+def test_expiry_evicts_ids_unseen_for_the_horizon_and_reuses_their_rows(mcfg):
+    hour = 3_600_000
+    m = OnlineMF(ModelConfig(**{**mcfg.__dict__, "expire_after_ms": hour}))
+    m.learn_windows([(60_000, [inc("old", ["x", "y"])])], 4, 5)
+    row_old, row_x = m.users.get("old"), m.items.get("x")
+    m.learn_windows([(2 * hour, [inc("new", ["z"])])], 4, 5)
+    assert m.users.get("old") is None and m.items.get("x") is None and "old" not in m.seen
+    assert m.users.get("new") == row_old and m.items.get("z") == row_x           # freed rows are handed out again
+    assert m.recommend(["new"], k=5)[0].items == []  # x and y expired; z seen
+
+
+def test_memory_stays_bounded_whatever_the_number_of_ids(mcfg):
+    cfg = ModelConfig(**{**mcfg.__dict__, "max_users": 50, "max_items": 40, "admit_after": 2})
+    m = OnlineMF(cfg)
+    rng = np.random.default_rng(0)
+    for w in range(60):                          # 60 windows x 40 increments: thousands of distinct ids
+        end = (w + 1) * 60_000
+        incs = [Increment(f"u{w}-{j}", end, (f"i{rng.integers(10**6)}", "hot"), (1.0, 1.0), (1, 2), 3)
+                for j in range(40)]
+        lists = m.learn_windows([(end, incs)], 16, 5)
+        assert len(lists) == 40
+    assert len(m.users) <= 50 and len(m.items) <= 40
+    assert m.users.high <= 51 and m.items.high <= 41 and m.capacity()[0] <= 64 and m.capacity()[1] <= 64
+    assert len(m.users.pending) <= 50 and len(m.items.pending) <= 40
+    assert len(m.seen) <= 100                    # admitted + pending users only
+    assert m.items.get("hot") is not None        # the id that keeps coming stays admitted
+
+
+def test_state_round_trip_with_tables_pending_ids_and_serving_copy(mcfg, tmp_path):
+    cfg = ModelConfig(**{**mcfg.__dict__, "admit_after": 2, "expire_after_ms": 5 * 60_000, "sync_every_ms": 180_000})
+    m = OnlineMF(cfg)
+    m.learn_windows(random_windows(12)[:20], 4, 5)
+    r = OnlineMF.restore(m.save(tmp_path / "m"), cfg)
+    rest = random_windows(12)[20:]
+    assert [w.rec for w in r.learn_windows(rest, 4, 5)] == [w.rec for w in m.learn_windows(rest, 4, 5)]
