@@ -20,6 +20,7 @@ from freshet.models.evaluation import evaluate
 from freshet.ops import kafka_io, replay, vendor
 
 FROZEN_SHARE = 0.2   # the frozen model learns from the first 20 % of the log (CONTRACTS §3)
+SYNC_CADENCES = {"10min": 600_000, "1h": 3_600_000, "1d": 86_400_000}   # 10 min = every 10 one-minute windows
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ def systems_for(df: pd.DataFrame) -> dict[str, System]:
                              "cumulative popularity, same seen-item filter and window cadence"),
         "frozen": System("frozen", {"model": {"freeze_after_ms": cutoff}},
                          f"the online model frozen after the first {FROZEN_SHARE:.0%} of the log (ts {cutoff})"),
+        # Update cadences (Monolith, Table 2): training never stops, but lists are served from
+        # parameters synced every T of event time; "online" syncs after every micro-batch.
+        **{f"sync-{label}": System(f"sync-{label}", {"model": {"sync_every_ms": ms}},
+                                   f"the online model serving parameters synced every {label} of event time")
+           for label, ms in SYNC_CADENCES.items()},
     }
 
 
@@ -51,8 +57,9 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; known: {', '.join(available)}")
     tag = f"compare-{dataset}-{int(time.time())}"
+    # Lists of 20 items so HR@20 is measured too; their first 10 are exactly the K=10 lists.
     base = cfg.replace(kafka={"input_topic": f"{tag}-events", "output_topic": f"{tag}-recs",
-                              "dlq_topic": f"{tag}-dlq"})
+                              "dlq_topic": f"{tag}-dlq"}, model={"k": max(cfg.model.k, 20)})
     kafka_io.ensure_topics(base)
     log(str(replay.replay(base, df)))
     events = list(zip(df["user_id"], df["item_id"], df["ts"]))

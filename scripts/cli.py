@@ -214,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", cmd_compare, "Online model vs baselines (popularity, frozen), each through the real "
                                       "pipeline on one replay; JSON, Markdown table and PNG plot of HR@10.")
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
-    p.add_argument("--systems", default="online,popularity,frozen", help="comma-separated subset")
+    p.add_argument("--systems", default="online,popularity,frozen,sync-10min,sync-1h,sync-1d",
+                   help="comma-separated subset of: online (synced after every micro-batch), popularity, frozen "
+                        "(learns the first 20%% of the log), sync-10min|sync-1h|sync-1d (the online model serving "
+                        "parameters synced every 10 min / 1 h / 1 day of event time)")
     p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where the reports go")
 
     p = add("tune", cmd_tune, "Grid search of model settings on a MovieLens log with the model alone (same "
