@@ -41,6 +41,7 @@ class KafkaConfig:
     input_topic: str = "behavior-events"
     output_topic: str = "recommendations"
     dlq_topic: str = "behavior-events-dlq"
+    metrics_topic: str = "freshet-metrics"
     group_id: str = "freshet"
     startup_mode: str = "earliest-offset"
     partitions: int = 2
@@ -51,7 +52,7 @@ class KafkaConfig:
         _require(bool(self.bootstrap_servers), "kafka.bootstrap_servers must not be empty")
         topics = self.topics()
         _require(all(topics), "kafka topics must not be empty")
-        _require(len(set(topics)) == 3, f"kafka input, output and dead-letter topics must differ, got {topics}")
+        _require(len(set(topics)) == 4, f"kafka input, output, dead-letter and metrics topics must differ, got {topics}")
         _require(self.startup_mode in ("earliest-offset", "latest-offset", "group-offsets"),
                  f"kafka.startup_mode must be earliest-offset|latest-offset|group-offsets, got {self.startup_mode!r}")
         _require(self.partitions >= 1, f"kafka.partitions must be >= 1, got {self.partitions}")
@@ -62,7 +63,7 @@ class KafkaConfig:
 
     def topics(self) -> list[str]:
         """Every topic the job reads or writes."""
-        return [self.input_topic, self.output_topic, self.dlq_topic]
+        return [self.input_topic, self.output_topic, self.dlq_topic, self.metrics_topic]
 
     def client_properties(self) -> dict[str, str]:
         """Properties common to every Kafka client (producer, consumer, admin, Flink connector)."""
@@ -172,9 +173,17 @@ class FlinkConfig:
     state_backend: str = "rocksdb"
     delivery_guarantee: str = "exactly-once"
     transactional_id_prefix: str = "freshet"
+    model_snapshot_interval_ms: int = 30000   # processing time between model snapshots in Flink state
+    metrics_interval_ms: int = 10000          # processing time between live-metrics records
+    restart_attempts: int = 10
+    restart_delay_ms: int = 3000
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
+        _require(self.model_snapshot_interval_ms >= 0, "flink.model_snapshot_interval_ms must be >= 0 (0: every call)")
+        _require(self.metrics_interval_ms >= 0, "flink.metrics_interval_ms must be >= 0")
+        _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,
+                 "flink.restart_attempts and flink.restart_delay_ms must be >= 0")
         _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")
         _require(self.checkpoint_interval_ms >= 0, "flink.checkpoint_interval_ms must be >= 0 (0 disables)")
         _require(self.state_backend in ("rocksdb", "hashmap"), "flink.state_backend must be rocksdb|hashmap")

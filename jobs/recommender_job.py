@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pyflink.common import Configuration
+from pyflink.common.typeinfo import Types
 from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import Schema, StreamTableEnvironment
 
@@ -19,7 +20,7 @@ from freshet.jobs import tables
 from freshet.ops import vendor
 from freshet.ops.python_workers import worker_environment
 from freshet.udfs.parse_events import DEAD_LETTERS, EVENT_TYPE, ParseEvents
-from freshet.udfs.recommend_online import RECOMMENDATION_TYPE, RecommendOnline
+from freshet.udfs.recommend_online import OUTPUT_TYPE, RecommendOnline, model_shard
 
 JOB_NAME = "freshet-recommender"
 
@@ -42,8 +43,8 @@ def flink_configuration(cfg: Config) -> Configuration:
         conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("table.exec.source.idle-timeout", f"{cfg.window.idleness_ms} ms")
     conf.set_string("restart-strategy.type", "fixed-delay")
-    conf.set_string("restart-strategy.fixed-delay.attempts", "3")
-    conf.set_string("restart-strategy.fixed-delay.delay", "2 s")
+    conf.set_string("restart-strategy.fixed-delay.attempts", str(cfg.flink.restart_attempts))
+    conf.set_string("restart-strategy.fixed-delay.delay", f"{cfg.flink.restart_delay_ms} ms")
     return conf
 
 
@@ -53,6 +54,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     t_env.execute_sql(tables.raw_source_ddl(cfg, "raw_events", bounded))
     t_env.execute_sql(tables.recommendations_sink_ddl(cfg, "recommendations_sink"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "dead_letter_sink", cfg.kafka.dlq_topic, "dlq"))
+    t_env.execute_sql(tables.json_sink_ddl(cfg, "metrics_sink", cfg.kafka.metrics_topic, "metrics"))
 
     # Kafka -> (value bytes, topic, partition, offset), read in the JVM; per-partition watermarks from `ts`.
     raw = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `topic`, `partition`, `offset` FROM raw_events"))
@@ -73,16 +75,19 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # -> increment table: one row per (user, window) with aligned item/weight/count arrays (JVM windows).
     increments = t_env.to_data_stream(t_env.sql_query(tables.increments_query(cfg, "events")))
 
-    # -> keyed by user: micro-batched online learning, top-K per active user when the window closes;
-    #    live quality (running HR@K of the lists against later events) as Flink metrics.
-    recommendations = (increments
-                       .key_by(lambda row: row[0])
-                       .process(RecommendOnline(cfg), output_type=RECOMMENDATION_TYPE)
-                       .name("recommend-online").uid("recommend-online"))
+    # -> keyed by model shard (one model per subtask, its state in Flink checkpoints): micro-batched
+    #    online learning, top-K per active user when the window closes, live-metrics records.
+    shards = cfg.flink.parallelism
+    model_output = (increments
+                    .key_by(lambda row: model_shard(row[0], shards), key_type=Types.INT())
+                    .process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)
+                    .name("recommend-online").uid("recommend-online"))
+    t_env.create_temporary_view("model_output", t_env.from_data_stream(model_output))
 
-    # -> Kafka: recommendations keyed by user; dead letters as JSON.
+    # -> Kafka: recommendations keyed by user, live metrics, dead letters as JSON (routed in the JVM).
     sinks = t_env.create_statement_set()
-    sinks.add_insert("recommendations_sink", t_env.from_data_stream(recommendations))
+    sinks.add_insert_sql("INSERT INTO recommendations_sink SELECT user_id, payload FROM model_output WHERE kind = 'rec'")
+    sinks.add_insert_sql("INSERT INTO metrics_sink SELECT payload FROM model_output WHERE kind = 'metrics'")
     sinks.add_insert("dead_letter_sink", t_env.from_data_stream(dead_letters).alias("payload"))
     sinks.attach_as_datastream()
     return t_env

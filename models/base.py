@@ -1,9 +1,12 @@
 """The small interface every Freshet recommender honours (in the spirit of River's ``learn_many``)."""
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
 
 from freshet.models.increments import Increment
 
@@ -76,6 +79,45 @@ class Recommender(ABC):
                 out.append(WindowList(user, window_end, rec, self.version))
         return out
 
+    # ---- persistence: named arrays (no pickles), to a file or to bytes for Flink state ----------------
     @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything the model knows, so that :meth:`from_state` continues exactly where it stands."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, z: Mapping[str, np.ndarray], cfg) -> "Recommender":
+        """The model :meth:`state` describes."""
+
     def save(self, path: Path) -> Path:
-        """Write the model's full state to ``path`` (a readable ``.npz``, not a pickle)."""
+        """Write the model's full state to ``path`` (a readable ``.npz``)."""
+        path = Path(path)
+        np.savez_compressed(path, **self.state())
+        return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
+
+    @classmethod
+    def restore(cls, path, cfg) -> "Recommender":
+        with np.load(path, allow_pickle=False) as z:
+            return cls.from_state(z, cfg)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **self.state())
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, cfg) -> "Recommender":
+        return cls.restore(io.BytesIO(data), cfg)
+
+
+def pack_seen(seen: Mapping[str, set[int]]) -> dict[str, np.ndarray]:
+    """Per-user sets of item rows as three flat arrays (users, offsets, rows)."""
+    users = sorted(seen)
+    return {"seen_users": np.asarray(users, dtype=object).astype(str),
+            "seen_ptr": np.cumsum([0] + [len(seen[u]) for u in users]).astype(np.int64),
+            "seen_items": np.asarray([i for u in users for i in sorted(seen[u])], np.int64)}
+
+
+def unpack_seen(z: Mapping[str, np.ndarray]) -> dict[str, set[int]]:
+    ptr, items = z["seen_ptr"], z["seen_items"]
+    return {str(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}

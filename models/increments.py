@@ -30,6 +30,10 @@ class Increment:
         return cls.from_arrays(user_id, window_end, [r[0] for r in rows], [r[1] for r in rows],
                                [r[2] for r in rows], max_items)
 
+    def items_json(self) -> str:
+        """The inverse of :meth:`from_json` (for the kept items)."""
+        return json.dumps([[i, w, c] for i, w, c in zip(self.items, self.weights, self.counts)], ensure_ascii=False)
+
     @classmethod
     def from_arrays(cls, user_id: str, window_end: int, items: Sequence[str], weights: Sequence[float],
                     counts: Sequence[int], max_items: int) -> "Increment":
@@ -67,6 +71,10 @@ class WindowBuffer:
         """Windows whose last millisecond (``window_end - 1``) the watermark has reached."""
         ends = sorted(e for e in self._windows if e - 1 <= watermark)
         return [(e, self._windows.pop(e)) for e in ends]
+
+    def pending(self) -> list[Increment]:
+        """Every increment still waiting, in window order."""
+        return [inc for end in sorted(self._windows) for inc in self._windows[end]]
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._windows.values())

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,7 +35,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from freshet.conf.settings import ModelConfig  # noqa: E402
-from freshet.models.base import Recommendation, Recommender, StepStats, WindowList, micro_batches  # noqa: E402
+from freshet.models.base import (Recommendation, Recommender, StepStats, WindowList, micro_batches,  # noqa: E402
+                                 pack_seen, unpack_seen)
 from freshet.models.id_table import NEVER, IdTable  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
 
@@ -400,33 +400,19 @@ class OnlineMF(Recommender):
     def state(self) -> dict[str, np.ndarray]:
         """Everything the model knows, as named arrays (no pickles): parameters, id tables, seen sets,
         counters and random-stream positions, so a restored model continues exactly where this one is."""
-        seen_users = sorted(self.seen)
         state = {
             "user_emb": self._U.numpy()[: self.users.high], "item_emb": self._V.numpy()[: self.items.high],
             "item_bias": self._b.numpy()[: self.items.high],
             "counters": np.asarray([self.version, self.steps, self._next_expiry, self._last_sync, self._sync_step,
                                     self._synced_version], np.int64),
             **self.users.state("users"), **self.items.state("items"),
-            "seen_users": np.asarray(seen_users, dtype=object).astype(str),
-            "seen_ptr": np.cumsum([0] + [len(self.seen[u]) for u in seen_users]).astype(np.int64),
-            "seen_items": np.asarray([i for u in seen_users for i in sorted(self.seen[u])], np.int64),
+            **pack_seen(self.seen),
             "rng_state": np.frombuffer(json.dumps({k: r.bit_generator.state for k, r in self._rngs.items()}).encode(),
                                        np.uint8),
             "config": np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8)}
         if self._serving is not None:
             state.update({f"serving_{j}": v.numpy() for j, v in enumerate(self._serving)})
         return state
-
-    def save(self, path: Path) -> Path:
-        path = Path(path)
-        np.savez_compressed(path, **self.state())
-        return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
-
-    @classmethod
-    def restore(cls, path, cfg: ModelConfig) -> "OnlineMF":
-        """From :meth:`save`'s file (or a file-like object holding one)."""
-        with np.load(path, allow_pickle=False) as z:
-            return cls.from_state(z, cfg)
 
     @classmethod
     def from_state(cls, z, cfg: ModelConfig) -> "OnlineMF":
@@ -442,8 +428,7 @@ class OnlineMF(Recommender):
                 for j, var in enumerate(model._serving):
                     saved = z[f"serving_{j}"][: int(var.shape[0])]
                     var[: len(saved)].assign(saved)
-        ptr, items = z["seen_ptr"], z["seen_items"]
-        model.seen = {str(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}
+        model.seen = unpack_seen(z)
         (model.version, model.steps, model._next_expiry, model._last_sync, model._sync_step,
          model._synced_version) = (int(x) for x in z["counters"])
         for name, state in json.loads(bytes(z["rng_state"]).decode()).items():

@@ -14,13 +14,12 @@ window cadence as the online model apply, because it runs in the same job.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from freshet.conf.settings import ModelConfig
-from freshet.models.base import Recommendation, Recommender, StepStats
+from freshet.models.base import Recommendation, Recommender, StepStats, pack_seen, unpack_seen
 from freshet.models.increments import Increment
 from freshet.models.online_mf import IdIndex
 
@@ -32,6 +31,14 @@ class Popularity(Recommender):
         self.counts = np.zeros(cfg.initial_capacity, np.float64)
         self.seen: dict[str, set[int]] = {}
         self.version = 0
+
+    @property
+    def n_users(self) -> int:
+        return len(self.seen)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
 
     def observe(self, batch: Sequence[Increment]) -> None:
         for inc in batch:
@@ -65,12 +72,15 @@ class Popularity(Recommender):
             out.append(Recommendation([self.items.ids[i] for i in top], [float(counts[i]) for i in top]))
         return out
 
-    def save(self, path: Path) -> Path:
-        path = Path(path)
-        users = sorted(self.seen)
-        np.savez_compressed(path, item_ids=np.asarray(self.items.ids, dtype=object).astype(str),
-                            counts=self.counts[: len(self.items)], version=np.int64(self.version),
-                            users=np.asarray(users, dtype=object).astype(str),
-                            seen_ptr=np.cumsum([0] + [len(self.seen[u]) for u in users]).astype(np.int64),
-                            seen_items=np.asarray([i for u in users for i in sorted(self.seen[u])], np.int64))
-        return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
+    def state(self) -> dict[str, np.ndarray]:
+        return {"item_ids": np.asarray(self.items.ids, dtype=object).astype(str),
+                "counts": self.counts[: len(self.items)], "version": np.int64(self.version), **pack_seen(self.seen)}
+
+    @classmethod
+    def from_state(cls, z, cfg: ModelConfig) -> "Popularity":
+        model = cls(cfg)
+        model.items = IdIndex([str(x) for x in z["item_ids"]])
+        model.counts = np.concatenate([z["counts"], np.zeros(max(cfg.initial_capacity, len(z["counts"])))])
+        model.version = int(z["version"])
+        model.seen = unpack_seen(z)
+        return model

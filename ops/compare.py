@@ -59,7 +59,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     tag = f"compare-{dataset}-{int(time.time())}"
     # Lists of 20 items so HR@20 is measured too; their first 10 are exactly the K=10 lists.
     base = cfg.replace(kafka={"input_topic": f"{tag}-events", "output_topic": f"{tag}-recs",
-                              "dlq_topic": f"{tag}-dlq"}, model={"k": max(cfg.model.k, 20)})
+                              "dlq_topic": f"{tag}-dlq", "metrics_topic": f"{tag}-metrics"}, model={"k": max(cfg.model.k, 20)})
     kafka_io.ensure_topics(base)
     log(str(replay.replay(base, df)))
     events = list(zip(df["user_id"], df["item_id"], df["ts"]))
@@ -68,6 +68,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
         system = available[name]
         sections = {section: dict(values) for section, values in system.overrides.items()}
         sections.setdefault("kafka", {}).update({"output_topic": f"{tag}-recs-{name}", "dlq_topic": f"{tag}-dlq-{name}",
+                                                 "metrics_topic": f"{tag}-metrics-{name}",
                                                  "group_id": f"{tag}-{name}"})
         sections.setdefault("flink", {})["transactional_id_prefix"] = f"{tag}-{name}"
         scfg = base.replace(**sections)
@@ -84,7 +85,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
               "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
               "wall_seconds": round(time.monotonic() - started, 1)}
     write_report(report, out_dir, log)
-    kafka_io.delete_topics(base, base.kafka.topics() + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq")])
+    kafka_io.delete_topics(base, base.kafka.topics() + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq", "metrics")])
     return report
 
 

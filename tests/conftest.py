@@ -44,7 +44,8 @@ def topics_cfg(kafka, kafka_cfg) -> Config:
     from freshet.ops import kafka_io
     tag = uuid.uuid4().hex[:8]
     cfg = kafka_cfg.replace(kafka={"input_topic": f"events-{tag}", "output_topic": f"recs-{tag}",
-                                   "dlq_topic": f"dlq-{tag}", "group_id": f"freshet-test-{tag}"},
+                                   "dlq_topic": f"dlq-{tag}", "metrics_topic": f"metrics-{tag}",
+                                   "group_id": f"freshet-test-{tag}"},
                             flink={"transactional_id_prefix": f"freshet-test-{tag}",
                                    "checkpoint_interval_ms": 2000})
     kafka_io.ensure_topics(cfg)

@@ -95,3 +95,10 @@ def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad
     for user, vs in versions.items():
         vs.sort()
         assert all(a[1] < b[1] for a, b in zip(vs, vs[1:])), f"model_version must grow across {user}'s windows"
+
+    # Live metrics: the record written at the end of input has scored every accepted event.
+    metrics = kafka_io.read_json(cfg, cfg.kafka.metrics_topic)
+    assert metrics, "no live-metrics records"
+    final = metrics[-1]
+    assert final["watermark"] is None and final["live_events"] == len(events)
+    assert 0 <= final["live_hit_rate"] <= 1 and final["recommendations_emitted"] == len(got)

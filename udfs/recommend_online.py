@@ -1,32 +1,64 @@
-"""RecommendOnline: increments -> micro-batch training steps -> top-K lists when their window closes."""
+"""RecommendOnline: increments -> micro-batch training steps -> top-K lists when their window closes.
+
+The model lives in Flink keyed state, so a checkpoint holds the model *as of that checkpoint*:
+
+* ``model``: a snapshot of the model's full state (parameters, id tables, seen sets, counters, random
+  streams) as bytes, rewritten every ``flink.model_snapshot_interval_ms`` of processing time;
+* ``log``: every increment received since that snapshot (one small append per increment);
+* ``flushes``: the last ``window_end`` of each model call since the snapshot.
+
+On restore the function loads the snapshot and re-runs the logged calls that had completed before
+the checkpoint (their lists were emitted and committed with it, so nothing is emitted again); the
+remaining logged increments go back into the window buffer. The model then continues from exactly
+the parameters it had at the checkpoint, not from scratch and not from a later point. Writing the
+whole model on every call would cost far more than appending increments; replaying at most one
+snapshot interval of calls costs seconds, once, on restore.
+
+The stream is keyed by model shard (``crc32(user_id) % flink.parallelism``), so each subtask holds one
+model for its users and the state sits under one key per model.
+"""
 from __future__ import annotations
 
 import json
 import time
+import zlib
 
 from pyflink.common import Row
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import KeyedProcessFunction
+from pyflink.datastream.state import ListStateDescriptor
 
 from freshet.conf.settings import Config
 from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
 
-# What leaves this function: (Kafka key, Kafka value) of one recommendation (CONTRACTS §2).
-RECOMMENDATION_TYPE = Types.ROW_NAMED(["user_id", "payload"], [Types.STRING(), Types.STRING()])
+# What leaves this function: (kind, Kafka key, Kafka value). kind "rec": a recommendation (CONTRACTS §2)
+# keyed by user; kind "metrics": a live-metrics record. The job routes them to their topics in SQL.
+OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload"], [Types.STRING(), Types.STRING(), Types.STRING()])
+INCREMENT_TYPE = Types.ROW([Types.STRING(), Types.LONG(), Types.STRING()])   # (user_id, window_end, items JSON)
+END_OF_INPUT = 2 ** 63 - 1
+
+
+def model_shard(user_id: str, shards: int) -> int:
+    """Which model a user's increments go to (stable across runs and machines)."""
+    return zlib.crc32(user_id.encode("utf-8")) % shards if shards > 1 else 0
+
+
+def model_class(cfg: Config):
+    if cfg.model.kind == "popularity":
+        from freshet.models.popularity import Popularity
+        return Popularity
+    from freshet.models.online_mf import OnlineMF
+    return OnlineMF
 
 
 def build_model(cfg: Config):
     """The model behind the job (built in the worker, so TensorFlow never loads in the client)."""
-    if cfg.model.kind == "popularity":
-        from freshet.models.popularity import Popularity
-        return Popularity(cfg.model)
-    from freshet.models.online_mf import OnlineMF
-    return OnlineMF(cfg.model)
+    return model_class(cfg)(cfg.model)
 
 
 class RecommendOnline(KeyedProcessFunction):
-    """Keyed by user. Holds one model per subtask; increments of many users share each micro-batch.
+    """Keyed by model shard. Increments of many users share each micro-batch.
 
     Increments wait in a buffer until the watermark passes their window's end (an event-time timer at
     ``window_end - 1``). Then all windows closed so far are handed to the model in one call, which, per
@@ -38,40 +70,84 @@ class RecommendOnline(KeyedProcessFunction):
         self.cfg = cfg
 
     def open(self, runtime_context):
-        self.model = build_model(self.cfg)
+        self.model = None     # loaded lazily: keyed state can only be read with a current key
         self.buffer = WindowBuffer()
+        # A list of at most one snapshot: PyFlink's embedded mode cannot read an unset bytes ValueState.
+        self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.PRIMITIVE_ARRAY(Types.BYTE())))
+        self.log = runtime_context.get_list_state(ListStateDescriptor("log", INCREMENT_TYPE))
+        self.flush_log = runtime_context.get_list_state(ListStateDescriptor("flushes", Types.LONG()))
         metrics = runtime_context.get_metrics_group()
         self.flushes = metrics.counter("model_calls")
         self.emitted = metrics.counter("recommendations_emitted")
         self.last_call_ms = 0.0
+        self.restored_windows = 0
+        self.last_snapshot = self.last_metrics = time.monotonic()
         metrics.gauge("last_model_call_ms", lambda: int(self.last_call_ms))
         self.live = LiveHitRate(self.cfg.model.k)
         metrics.gauge("live_hit_rate_ppm", lambda: int(self.live.hit_rate * 1_000_000))
         metrics.gauge("live_events", lambda: int(self.live.events))
-        metrics.gauge("model_version", lambda: int(self.model.version))
+        metrics.gauge("model_version", lambda: int(self.model.version) if self.model else 0)
+        metrics.gauge("restored_windows", lambda: int(self.restored_windows))
 
+    # ---- state -----------------------------------------------------------------------------------
+    def _ensure_model(self) -> None:
+        """First call after (re)start: the checkpointed model plus the calls logged after its snapshot."""
+        if self.model is not None:
+            return
+        blob = next(iter(self.model_state.get() or []), None)
+        cls = model_class(self.cfg)
+        self.model = cls.from_bytes(bytes(blob), self.cfg.model) if blob else cls(self.cfg.model)
+        logged = [self._increment(r) for r in (self.log.get() or [])]
+        boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
+        for inc in logged:
+            self.buffer.add(inc)
+        for upto in boundaries:     # re-learn exactly the calls made before the checkpoint, emit nothing
+            closed = self.buffer.close(upto - 1)
+            self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
+            self.restored_windows += len(closed)
+
+    def _increment(self, row) -> Increment:
+        return Increment.from_json(row[0], row[1], row[2], self.cfg.window.max_items_per_increment)
+
+    def _snapshot_if_due(self) -> None:
+        if time.monotonic() - self.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
+            return
+        self.model_state.update([self.model.to_bytes()])
+        self.flush_log.clear()
+        self.log.update([Row(i.user_id, i.window_end, i.items_json()) for i in self.buffer.pending()])
+        self.last_snapshot = time.monotonic()
+
+    # ---- processing ------------------------------------------------------------------------------
     def process_element(self, row, ctx):
-        inc = Increment.from_json(row[0], row[1], row[2], self.cfg.window.max_items_per_increment)
-        self.buffer.add(inc)
-        ctx.timer_service().register_event_time_timer(inc.window_end - 1)
+        self._ensure_model()
+        self.buffer.add(self._increment(row))
+        self.log.add(Row(row[0], row[1], row[2]))
+        ctx.timer_service().register_event_time_timer(row[1] - 1)
 
     def on_timer(self, timestamp, ctx):
-        closed = self.buffer.close(max(timestamp, ctx.timer_service().current_watermark()))
-        if not closed:
-            return  # another user's timer for the same window already flushed it
-        started = time.perf_counter()
-        lists = self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
-                                         self.cfg.model.exclude_seen)
-        self.last_call_ms = (time.perf_counter() - started) * 1000
-        self.flushes.inc()
-        emitted_at = int(time.time() * 1000)
-        for wl in lists:
-            payload = {"user_id": wl.user_id, "items": wl.rec.items, "scores": wl.rec.scores,
-                       "window_end": wl.window_end, "model_version": wl.model_version, "emitted_at": emitted_at}
-            yield Row(wl.user_id, json.dumps(payload, ensure_ascii=False))
-        self.emitted.inc(len(lists))
-        self._score_live(closed, lists)
+        self._ensure_model()
+        watermark = ctx.timer_service().current_watermark()
+        closed = self.buffer.close(max(timestamp, watermark))
+        if closed:  # else another timer for the same windows already flushed them
+            started = time.perf_counter()
+            lists = self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
+                                             self.cfg.model.exclude_seen)
+            self.last_call_ms = (time.perf_counter() - started) * 1000
+            self.flush_log.add(closed[-1][0])
+            self.flushes.inc()
+            emitted_at = int(time.time() * 1000)
+            for wl in lists:
+                payload = {"user_id": wl.user_id, "items": wl.rec.items, "scores": wl.rec.scores,
+                           "window_end": wl.window_end, "model_version": wl.model_version, "emitted_at": emitted_at}
+                yield Row("rec", wl.user_id, json.dumps(payload, ensure_ascii=False))
+            self.emitted.inc(len(lists))
+            self._score_live(closed, lists)
+            self._snapshot_if_due()
+        if self._metrics_due(watermark):
+            shard = ctx.get_current_key()
+            yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}))
 
+    # ---- live quality ----------------------------------------------------------------------------
     def _score_live(self, closed, lists):
         """Prequential, window by window: score a window's events, then remember its lists."""
         by_window: dict[int, list] = {}
@@ -80,3 +156,21 @@ class RecommendOnline(KeyedProcessFunction):
         for window_end, increments in closed:
             self.live.score(increments)
             self.live.remember(by_window.get(window_end, []))
+
+    def _metrics_due(self, watermark: int) -> bool:
+        now = time.monotonic()
+        if now - self.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000 or watermark >= END_OF_INPUT:
+            self.last_metrics = now
+            return True
+        return False
+
+    def _metrics(self, watermark: int) -> dict:
+        """One live-metrics record (the metrics topic): quality since (re)start, model size and speed."""
+        return {"emitted_at": int(time.time() * 1000),
+                "watermark": None if watermark >= END_OF_INPUT else watermark, "k": self.live.k,
+                "live_hit_rate": round(self.live.hit_rate, 6), "live_events": self.live.events,
+                "live_hits": self.live.hits, "recommendations_emitted": self.emitted.get_count(),
+                "model_calls": self.flushes.get_count(), "last_model_call_ms": round(self.last_call_ms, 1),
+                "model_version": self.model.version, "users": self.model.n_users, "items": self.model.n_items,
+                "restored_windows": self.restored_windows}
+
