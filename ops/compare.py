@@ -75,8 +75,13 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
         log(f"\n== {name}: {system.description}")
         job_s = _run_in_own_process(scfg, out_dir / f".{tag}-{name}.yaml", log)
         recs = kafka_io.read_json(scfg, scfg.kafka.output_topic)
+        dead = kafka_io.read_json(scfg, scfg.kafka.dlq_topic)
+        if not recs or dead:
+            log(f"WARNING: {name} wrote {len(recs)} lists and {len(dead)} dead letters "
+                f"(first reasons: {[d['reason'] for d in dead[:3]]})")
         result = evaluate(events, recs, ks=(10, 20))
         results[name] = {"description": system.description, "job_seconds": round(job_s, 1), "lists": len(recs),
+                         "dead_letters": len(dead),
                          **{k: round(v, 5) for k, v in result.overall.items()},
                          "by_day": {str(d): m["HR@10"] for d, m in sorted(result.by_day.items())}}
         log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
