@@ -166,6 +166,21 @@ class LocalFlinkCluster:
             os.kill(pid, 9)
         log("flink cluster stopped")
 
+    def start_taskmanager(self, log=print, timeout: float = 90.0) -> None:
+        """Start one more TaskManager (after one was lost) and wait until it has registered."""
+        before = self.status().taskmanagers
+        done = subprocess.run(["bash", str(FLINK_HOME / "bin" / "taskmanager.sh"), "start"], env=self._env(),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"taskmanager.sh start failed:\n{done.stdout}\n{done.stderr}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status().taskmanagers > before:
+                log(str(self.status()))
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"no new TaskManager registered within {timeout:.0f}s; see {self.dir / 'logs'}")
+
     # ---- jobs ---------------------------------------------------------------------------------
     def submit(self, config_path: Path | None, bounded: bool, env_overrides: dict[str, str] | None = None) -> str:
         """``flink run`` the job (detached); returns its job id. The connector jars travel with the job
@@ -180,6 +195,10 @@ class LocalFlinkCluster:
         if done.returncode != 0 or not match:
             raise RuntimeError(f"flink run failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
         return match.group(1)
+
+    def checkpoints(self, job_id: str) -> dict:
+        """Flink's checkpoint statistics of a job (counts, latest completed / restored)."""
+        return self._rest(f"/jobs/{job_id}/checkpoints")
 
     def job_state(self, job_id: str) -> str:
         return self._rest(f"/jobs/{job_id}").get("state", "UNKNOWN")

@@ -47,6 +47,6 @@ def topics_cfg(kafka, kafka_cfg) -> Config:
                                    "dlq_topic": f"dlq-{tag}", "metrics_topic": f"metrics-{tag}",
                                    "group_id": f"freshet-test-{tag}"},
                             flink={"transactional_id_prefix": f"freshet-test-{tag}",
-                                   "checkpoint_interval_ms": 2000})
+                                   "checkpoint_interval_ms": 2000, "model_snapshot_interval_ms": 500})
     kafka_io.ensure_topics(cfg)
     return cfg

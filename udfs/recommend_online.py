@@ -19,6 +19,7 @@ model for its users and the state sits under one key per model.
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 import zlib
@@ -72,8 +73,9 @@ class RecommendOnline(KeyedProcessFunction):
     def open(self, runtime_context):
         self.model = None     # loaded lazily: keyed state can only be read with a current key
         self.buffer = WindowBuffer()
-        # A list of at most one snapshot: PyFlink's embedded mode cannot read an unset bytes ValueState.
-        self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.PRIMITIVE_ARRAY(Types.BYTE())))
+        # A list of at most one snapshot, base64 text: PyFlink's embedded (thread) mode can neither read an
+        # unset ValueState nor hand Python bytes to a byte[] state.
+        self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.STRING()))
         self.log = runtime_context.get_list_state(ListStateDescriptor("log", INCREMENT_TYPE))
         self.flush_log = runtime_context.get_list_state(ListStateDescriptor("flushes", Types.LONG()))
         metrics = runtime_context.get_metrics_group()
@@ -96,7 +98,7 @@ class RecommendOnline(KeyedProcessFunction):
             return
         blob = next(iter(self.model_state.get() or []), None)
         cls = model_class(self.cfg)
-        self.model = cls.from_bytes(bytes(blob), self.cfg.model) if blob else cls(self.cfg.model)
+        self.model = cls.from_bytes(base64.b64decode(blob), self.cfg.model) if blob else cls(self.cfg.model)
         logged = [self._increment(r) for r in (self.log.get() or [])]
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
         for inc in logged:
@@ -112,9 +114,12 @@ class RecommendOnline(KeyedProcessFunction):
     def _snapshot_if_due(self) -> None:
         if time.monotonic() - self.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
             return
-        self.model_state.update([self.model.to_bytes()])
+        self.model_state.clear()
+        self.model_state.add(base64.b64encode(self.model.to_bytes()).decode("ascii"))
         self.flush_log.clear()
-        self.log.update([Row(i.user_id, i.window_end, i.items_json()) for i in self.buffer.pending()])
+        self.log.clear()
+        for inc in self.buffer.pending():
+            self.log.add(Row(inc.user_id, inc.window_end, inc.items_json()))
         self.last_snapshot = time.monotonic()
 
     # ---- processing ------------------------------------------------------------------------------

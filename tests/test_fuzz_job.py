@@ -1,0 +1,136 @@
+"""Property-based bad input through the real job: 10,000+ generated records, good and malformed mixed.
+
+Hypothesis draws the records (invalid JSON, wrong types, missing fields, empty and huge ids, non-UTF-8
+bytes, unknown behaviours, negative and far-future timestamps, oversize values, repeated event ids,
+very late events); one bounded job on a real broker processes them. Then every record is accounted
+for: each malformed one is in the dead-letter topic with its reason, each good one made it into its
+user's window list, and nothing is in both or in neither.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from freshet.models.events import EventValidator, Rejection
+from freshet.ops import kafka_io
+
+pytestmark = pytest.mark.integration
+
+N_RECORDS = 10_000
+T0 = 1_700_000_000_000
+STEP_MS = 150                    # good events advance event time by this much each
+BEHAVIORS = ["view", "click", "cart", "fav", "buy", "rate"]
+
+ident = st.one_of(st.sampled_from([f"u{j}" for j in range(40)]), st.integers(0, 60).map(int))
+item = st.sampled_from([f"i{j}" for j in range(150)])
+
+
+def good(draw, ts, n):
+    event = {"user_id": draw(ident), "item_id": draw(item), "behavior": draw(st.sampled_from(BEHAVIORS)), "ts": ts}
+    if draw(st.booleans()):
+        event["value"] = draw(st.floats(0, 5, allow_nan=False))
+    if draw(st.booleans()):
+        event["event_id"] = f"e{n}"
+    return event
+
+
+def malformed(draw, ts) -> bytes:
+    """One record that is not an event, of a kind hypothesis picks."""
+    base = {"user_id": "u1", "item_id": "i1", "behavior": "view", "ts": ts}
+    kind = draw(st.sampled_from(["text", "binary", "array", "missing", "wrong_type", "empty_id", "huge_id",
+                                 "behavior", "negative_ts", "future_ts", "oversize", "float_ts"]))
+    if kind == "text":
+        return draw(st.text(max_size=40)).encode("utf-8", "surrogatepass") + b"{"
+    if kind == "binary":
+        return b"\xff" + draw(st.binary(max_size=40))
+    if kind == "array":
+        return json.dumps(draw(st.lists(st.integers(), max_size=3))).encode()
+    if kind == "missing":
+        del base[draw(st.sampled_from(sorted(base)))]
+    elif kind == "wrong_type":
+        base[draw(st.sampled_from(sorted(base)))] = draw(st.one_of(st.none(), st.booleans(), st.lists(st.integers(), max_size=2),
+                                                                   st.floats(allow_nan=False).filter(lambda x: x != int(x) if abs(x) < 1e15 else True)))
+    elif kind == "empty_id":
+        base[draw(st.sampled_from(["user_id", "item_id"]))] = ""
+    elif kind == "huge_id":
+        base[draw(st.sampled_from(["user_id", "item_id"]))] = "x" * draw(st.integers(257, 5000))
+    elif kind == "behavior":
+        base["behavior"] = draw(st.text(min_size=1, max_size=10).filter(lambda b: b not in BEHAVIORS))
+    elif kind == "negative_ts":
+        base["ts"] = draw(st.integers(-10**15, -1))
+    elif kind == "future_ts":
+        base["ts"] = draw(st.integers(10**14, 10**17))
+    elif kind == "oversize":
+        base["pad"] = "y" * 70_000
+    elif kind == "float_ts":
+        base["ts"] = ts + 0.5
+    return json.dumps(base).encode()
+
+
+@settings(max_examples=1, deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_ten_thousand_generated_records_are_each_processed_or_dead_lettered(topics_cfg, data):
+    from freshet.ops.runner import run_job
+    cfg = topics_cfg.replace(kafka={"partitions": 1})   # one partition: offsets are production order
+    kafka_io.delete_topics(cfg, cfg.kafka.topics())
+    kafka_io.ensure_topics(cfg)
+    validator = EventValidator(cfg.events)
+
+    records: list[tuple[str, bytes]] = []        # (kind, value) in production order
+    goods: list[dict] = []
+    for n in range(N_RECORDS):
+        ts = T0 + n * STEP_MS
+        roll = data.draw(st.integers(0, 99))
+        if roll < 70:
+            event = good(data.draw, ts, n)
+            goods.append(event)
+            records.append(("good", json.dumps(event).encode()))
+        elif roll < 75 and goods:                # a replay of an earlier event id
+            earlier = [g for g in goods[-50:] if "event_id" in g]
+            if earlier:
+                records.append(("duplicate", json.dumps(data.draw(st.sampled_from(earlier))).encode()))
+        elif roll < 78 and n > N_RECORDS // 2:  # very late: hours behind the stream
+            late = {"user_id": "late-user", "item_id": "i1", "behavior": "view", "ts": T0 + n * STEP_MS // 4}
+            records.append(("late", json.dumps(late).encode()))
+        else:
+            records.append(("malformed", malformed(data.draw, ts)))
+    assert len(records) >= 9_000
+
+    prod = kafka_io.producer(cfg)
+    report = kafka_io.DeliveryReport()
+    for _, value in records:
+        prod.produce(cfg.kafka.input_topic, value=value, partition=0, on_delivery=report)
+    kafka_io.flush_or_fail(prod, report)
+
+    run_job(cfg, bounded=True)      # must not fail, whatever the input
+
+    dead = kafka_io.read_json(cfg, cfg.kafka.dlq_topic)
+    lists = {(r["user_id"], r["window_end"]) for r in kafka_io.read_json(cfg, cfg.kafka.output_topic)}
+    by_offset = {d["offset"]: d["reason"].split(":")[0] for d in dead}
+    assert len(by_offset) == len(dead), "each record is dead-lettered at most once"
+
+    window = cfg.window.size_ms
+    expected_lists = set()
+    for offset, (kind, value) in enumerate(records):
+        parsed = validator.parse(value, now_ms=T0)
+        got = by_offset.get(offset)
+        if isinstance(parsed, Rejection):
+            assert kind == "malformed", (kind, value[:80], parsed)
+            assert got == parsed.code, f"record {offset} {value[:80]!r}: dead letter {got!r}, expected {parsed.code!r}"
+            continue
+        allowed = {"good": {None}, "duplicate": {"duplicate", "late"}, "late": {"late", None},
+                   "malformed": {None}}[kind]
+        assert got in allowed, f"record {offset} ({kind}) {value[:80]!r}: dead letter {got!r}"
+        if got is None:
+            expected_lists.add((parsed.user_id, parsed.ts - parsed.ts % window + window))
+    assert lists == expected_lists, (f"{len(expected_lists - lists)} (user, window) without a list, "
+                                     f"{len(lists - expected_lists)} unexpected")
+    reasons = Counter(by_offset.values())
+    print(f"\n{len(records)} records: {len(records) - len(dead)} accepted, dead letters {dict(reasons)}")
+    assert reasons["late"] > 0, "very late events must be dead-lettered as late"
+    assert {"invalid_json", "not_utf8", "wrong_type", "missing_field", "bad_id", "duplicate"} <= set(reasons)
