@@ -35,8 +35,10 @@ def ensure_topics(cfg: Config, timeout: float = 60.0) -> list[str]:
             raise RuntimeError(f"topics {missing or wanted} are not ready on {cfg.kafka.bootstrap_servers} "
                                f"after {timeout:.0f}s")
         if missing:
-            futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1)
-                                            for t in missing])
+            # retention.ms=-1: replays carry historical timestamps, which time-based retention would
+            # delete at the broker's next check (it compares record timestamps with now).
+            futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1,
+                                                     config={"retention.ms": "-1"}) for t in missing])
             for topic, fut in futures.items():
                 try:
                     fut.result(timeout)

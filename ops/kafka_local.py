@@ -75,7 +75,10 @@ class LocalKafka:
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=false",
             f"message.max.bytes={max(1048588, self.cfg.events.max_message_bytes * 4)}",
-            "log.retention.hours=168",
+            # Replayed logs carry their historical event time as record timestamps: time-based retention
+            # would delete them within minutes (the cleaner compares timestamps with now). Keep by size.
+            "log.retention.ms=-1",
+            "log.retention.bytes=2147483648",
             "num.network.threads=2",
             "num.io.threads=2",
         ]) + "\n")
