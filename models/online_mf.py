@@ -41,31 +41,6 @@ from freshet.models.id_table import NEVER, IdTable  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
 
 
-class IdIndex:
-    """Maps external string ids to dense rows 0..n-1, in order of first appearance.
-
-    >>> ix = IdIndex(); ix.add("x"), ix.add("y"), ix.add("x"), ix.get("z"), len(ix)
-    (0, 1, 0, None, 2)
-    """
-
-    def __init__(self, ids: Sequence[str] = ()):
-        self.ids: list[str] = list(ids)
-        self.rows: dict[str, int] = {k: r for r, k in enumerate(self.ids)}
-
-    def add(self, key: str) -> int:
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = len(self.ids)
-            self.ids.append(key)
-        return row
-
-    def get(self, key: str) -> int | None:
-        return self.rows.get(key)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
 def pick_device(preference: str) -> str:
     """``/GPU:0`` when asked for (or ``auto``) and TensorFlow sees a GPU, else ``/CPU:0``."""
     gpus = tf.config.list_physical_devices("GPU") if preference in ("auto", "gpu") else []

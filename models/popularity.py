@@ -21,7 +21,7 @@ import numpy as np
 from freshet.conf.settings import ModelConfig
 from freshet.models.base import Recommendation, Recommender, StepStats, pack_seen, unpack_seen
 from freshet.models.increments import Increment
-from freshet.models.online_mf import IdIndex
+from freshet.models.id_table import IdIndex
 
 
 class Popularity(Recommender):
