@@ -25,10 +25,12 @@ setup(
         "pyarrow==16.1.0",
         "confluent-kafka==2.16.1",
         "pyyaml>=6.0,<7",
+        "psutil>=5.9,<8",                # CPU and RSS of the Flink processes (freshet bench)
     ],
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
         "eval": ["matplotlib>=3.8,<4"],
+        "profile": ["py-spy>=0.4,<0.5"],
     },
     entry_points={"console_scripts": ["freshet=freshet.scripts.cli:main"]},
 )

@@ -117,20 +117,23 @@ class WindowConfig:
     out_of_orderness_ms: int = 5000
     idleness_ms: int = 30000
     max_items_per_increment: int = 500
+    max_events_per_user_window: int = 100_000   # beyond this, a user's window weighs as this many events
 
     def __post_init__(self):
         _require(self.size_ms >= 1, f"window.size_ms must be >= 1, got {self.size_ms}")
         _require(self.out_of_orderness_ms >= 0, "window.out_of_orderness_ms must be >= 0")
         _require(self.idleness_ms >= 0, "window.idleness_ms must be >= 0 (0 disables idleness)")
         _require(self.max_items_per_increment >= 1, "window.max_items_per_increment must be >= 1")
+        _require(self.max_events_per_user_window >= 1, "window.max_events_per_user_window must be >= 1")
 
 
-MODEL_KINDS = ("bpr", "popularity")
+MODEL_KINDS = ("bpr", "popularity", "echo")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "bpr"              # bpr: online matrix factorisation; popularity: the cumulative-popularity baseline
+    kind: str = "bpr"              # bpr: online matrix factorisation; popularity: the cumulative-popularity baseline;
+    #                                echo: a no-op scorer that lists the user's own window items (benchmarks the plumbing)
     freeze_after_ms: int = 0       # > 0: stop learning at this event time (the "frozen model" baseline)
     sync_every_ms: int = 0         # > 0: lists use parameters synced from training every this much event time
     dim: int = 32

@@ -13,14 +13,14 @@ from pathlib import Path
 from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import StreamExecutionEnvironment
-from pyflink.table import Schema, StreamTableEnvironment
+from pyflink.table import StatementSet, StreamTableEnvironment
 
 from freshet.conf.settings import Config, load_config
 from freshet.jobs import tables
 from freshet.ops import vendor
 from freshet.ops.python_workers import worker_environment
-from freshet.udfs.parse_events import DEAD_LETTERS, EVENT_TYPE, ParseEvents
-from freshet.udfs.recommend_online import OUTPUT_TYPE, RecommendOnline, model_shard
+from freshet.udfs.parse_events import RESULT_NAMES as PARSED_COLUMNS, parse_event_function
+from freshet.udfs.recommend_online import OUTPUT_TYPE, RecommendOnline
 
 JOB_NAME = "freshet-recommender"
 
@@ -48,49 +48,82 @@ def flink_configuration(cfg: Config) -> Configuration:
     return conf
 
 
-def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StreamTableEnvironment:
-    """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks."""
-    t_env = StreamTableEnvironment.create(env)
+def _create_tables(t_env: StreamTableEnvironment, cfg: Config, bounded: bool) -> None:
+    """Kafka source and sinks, and the source split into canonical records (parsed in the JVM) and the rest."""
     t_env.execute_sql(tables.raw_source_ddl(cfg, "raw_events", bounded))
     t_env.execute_sql(tables.recommendations_sink_ddl(cfg, "recommendations_sink"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "dead_letter_sink", cfg.kafka.dlq_topic, "dlq"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "metrics_sink", cfg.kafka.metrics_topic, "metrics"))
+    t_env.create_temporary_view("classified", t_env.sql_query(tables.classified_query(cfg, "raw_events")))
+    t_env.create_temporary_view("fast_events", t_env.sql_query(tables.fast_events_query(cfg, "classified")))
 
-    # Kafka -> (value bytes, topic, partition, offset), read in the JVM; per-partition watermarks from `ts`.
-    raw = t_env.to_data_stream(t_env.sql_query("SELECT `value`, `topic`, `partition`, `offset` FROM raw_events"))
 
-    # -> accepted events (user_id, item_id, ts, weight); bad records -> dead-letter side output.
-    events = (raw.process(ParseEvents(cfg.events, cfg.window), output_type=EVENT_TYPE)
-              .name("parse-events").uid("parse-events"))
-    dead_letters = events.get_side_output(DEAD_LETTERS)
+def _split_late(t_env: StreamTableEnvironment, cfg: Config, accepted: str) -> None:
+    """``on_time`` events go on to the windows; ``late_letters``: dead letters for events whose window had fired."""
+    late = tables.late_sql(cfg, "ts")
+    t_env.create_temporary_view("on_time", t_env.sql_query(
+        f"SELECT * FROM {accepted} WHERE NOT COALESCE({late}, FALSE)"))
+    t_env.create_temporary_view("late_letters", t_env.sql_query(
+        f"SELECT {tables.dead_letter_sql(tables.late_reason_sql(cfg))} AS payload FROM {accepted} WHERE {late}"))
 
-    # -> the same events as a table with event time from `ts`, keeping the source's watermarks.
-    t_env.create_temporary_view("events", t_env.from_data_stream(
-        events,
-        Schema.new_builder()
-        .column_by_expression("rowtime", "TO_TIMESTAMP_LTZ(ts, 3)")
-        .watermark("rowtime", "SOURCE_WATERMARK()")
-        .build()))
 
-    # -> increment table: one row per (user, window) with aligned item/weight/count arrays (JVM windows).
-    increments = t_env.to_data_stream(t_env.sql_query(tables.increments_query(cfg, "events")))
+def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StreamTableEnvironment:
+    """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks."""
+    t_env = StreamTableEnvironment.create(env)
+    # Kafka -> raw records with event time (per-partition watermarks, read in the JVM) -> canonical
+    # records parsed in the JVM; the rest through the exact Python validator (events or dead letters).
+    _create_tables(t_env, cfg, bounded)
+    t_env.create_temporary_function("parse_event", parse_event_function(cfg.events, cfg.window.size_ms))
+    t_env.create_temporary_view("slow_parsed", t_env.sql_query(tables.slow_parsed_query("classified", "parse_event", PARSED_COLUMNS)))
+    t_env.create_temporary_view("accepted", t_env.sql_query(
+        "SELECT user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime FROM fast_events "
+        "UNION ALL SELECT user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime "
+        "FROM slow_parsed WHERE dead_letter IS NULL"))
+    _split_late(t_env, cfg, "accepted")
+
+    # -> one row per (model shard, window) with every user's items (JVM windows), plus the dead letters,
+    #    in one stream: the only one that crosses into Python.
+    t_env.create_temporary_view("window_batches", t_env.sql_query(tables.window_batches_query(cfg, "on_time")))
+    to_model = t_env.to_data_stream(t_env.sql_query(
+        "SELECT 'win' AS kind, shard, window_end_ms, closed_at, quads AS body FROM window_batches "
+        "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), dead_letter "
+        "FROM slow_parsed WHERE dead_letter IS NOT NULL "
+        "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), payload FROM late_letters"))
 
     # -> keyed by model shard (one model per subtask, its state in Flink checkpoints): micro-batched
     #    online learning, top-K per active user when the window closes, live-metrics records.
-    shards = cfg.flink.parallelism
-    model_output = (increments
-                    .key_by(lambda row: model_shard(row[0], shards), key_type=Types.INT())
+    model_output = (to_model
+                    .key_by(lambda row: row[1], key_type=Types.INT())
                     .process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)
                     .name("recommend-online").uid("recommend-online"))
     t_env.create_temporary_view("model_output", t_env.from_data_stream(model_output))
 
     # -> Kafka: recommendations keyed by user, live metrics, dead letters as JSON (routed in the JVM).
     sinks = t_env.create_statement_set()
-    sinks.add_insert_sql("INSERT INTO recommendations_sink SELECT user_id, payload FROM model_output WHERE kind = 'rec'")
+    sinks.add_insert_sql("INSERT INTO recommendations_sink SELECT user_id, payload, "
+                         f"{tables.closed_at_header_sql('closed_at')} FROM model_output WHERE kind = 'rec'")
     sinks.add_insert_sql("INSERT INTO metrics_sink SELECT payload FROM model_output WHERE kind = 'metrics'")
-    sinks.add_insert("dead_letter_sink", t_env.from_data_stream(dead_letters).alias("payload"))
+    sinks.add_insert_sql("INSERT INTO dead_letter_sink SELECT payload FROM model_output WHERE kind = 'dlq'")
     sinks.attach_as_datastream()
     return t_env
+
+
+def build_reference_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StatementSet:
+    """The benchmark's JVM-only reference: the same source, parsing, windows and sinks, no Python, no model.
+
+    Canonical records are parsed exactly as in the job; any other record is dead-lettered as
+    ``not_canonical`` (the reference has no Python validator). One list per (user, window): its own items.
+    """
+    t_env = StreamTableEnvironment.create(env)
+    _create_tables(t_env, cfg, bounded)
+    _split_late(t_env, cfg, "fast_events")
+    sinks = t_env.create_statement_set()
+    sinks.add_insert_sql("INSERT INTO recommendations_sink SELECT user_id, payload, "
+                         f"{tables.closed_at_header_sql('closed_at')} FROM ({tables.reference_lists_query(cfg, 'on_time')})")
+    sinks.add_insert_sql("INSERT INTO dead_letter_sink SELECT payload FROM late_letters")
+    sinks.add_insert_sql("INSERT INTO dead_letter_sink SELECT "
+                         f"{tables.dead_letter_sql(chr(39) + 'not_canonical' + chr(39))} FROM classified WHERE NOT canonical")
+    return sinks
 
 
 def prepare_local_runtime(cfg: Config) -> None:
@@ -101,10 +134,16 @@ def prepare_local_runtime(cfg: Config) -> None:
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))
 
 
-def run(cfg: Config, bounded: bool) -> None:
-    """Build and execute the job on the environment Flink gives us (local runtime, or the cluster's)."""
+def run(cfg: Config, bounded: bool, reference: bool = False) -> None:
+    """Build and execute the job on the environment Flink gives us (local runtime, or the cluster's).
+
+    ``reference``: the JVM-only benchmark reference instead of the job (``freshet bench``).
+    """
     prepare_local_runtime(cfg)
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg))
+    if reference:
+        build_reference_pipeline(env, cfg, bounded).execute().wait()
+        return
     build_pipeline(env, cfg, bounded)
     env.execute(JOB_NAME)
 
@@ -113,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The Freshet recommender job (used by `freshet run/submit`).")
     parser.add_argument("--config", type=Path, help="YAML config (default conf/freshet.yaml)")
     parser.add_argument("--bounded", action="store_true", help="stop when the input topic is drained")
+    parser.add_argument("--reference", action="store_true",
+                        help="run the JVM-only benchmark reference (no Python, no model) instead of the job")
     args = parser.parse_args(argv)
-    run(load_config(args.config), args.bounded)
+    run(load_config(args.config), args.bounded, args.reference)
 
 
 if __name__ == "__main__":

@@ -78,14 +78,23 @@ def _sink_options(cfg: Config, topic: str, suffix: str) -> dict[str, str]:
     return options
 
 
+CLOSED_AT_HEADER = "freshet.window_closed_at"
+
+
+def closed_at_header_sql(closed_at: str) -> str:
+    """Kafka headers of a recommendation: when its window closed (epoch ms, decimal text), for freshness."""
+    return f"MAP[{_quote(CLOSED_AT_HEADER)}, CAST(CAST({closed_at} AS STRING) AS BYTES)]"
+
+
 def recommendations_sink_ddl(cfg: Config, name: str) -> str:
-    """Key = user_id, value = the recommendation JSON (CONTRACTS §2)."""
+    """Key = user_id, value = the recommendation JSON (CONTRACTS §2); header ``freshet.window_closed_at``."""
     options = {**_sink_options(cfg, cfg.kafka.output_topic, "recs"),
                "key.format": "raw", "key.fields": "user_id",
                "value.format": "raw", "value.fields-include": "EXCEPT_KEY"}
     return f"""CREATE TEMPORARY TABLE {name} (
   `user_id` STRING,
-  `payload` STRING
+  `payload` STRING,
+  `headers` MAP<STRING, BYTES> METADATA
 ) WITH (
   {_with(options)}
 )"""
@@ -101,12 +110,110 @@ def json_sink_ddl(cfg: Config, name: str, topic: str, suffix: str) -> str:
 )"""
 
 
-def increments_query(cfg: Config, events_view: str) -> str:
-    """Per (user, window): the items with summed weights and event counts, as ``[[item, weight, count], ...]``.
+# Printable ASCII without '"' and '\': an id in this alphabet needs no JSON escapes and has as many bytes as chars.
+_PLAIN_ID = r'"([ !#-\[\]-~]{1,%d})"'
+_WS = "[ \\t\\n\\r]*"
 
-    The inner window aggregation sums per (user, item); the outer one, a cascaded window over the
-    same tumbling window, folds those rows into one increment per user. Both run in the JVM; the items
-    cross into Python as one JSON string (PyFlink cannot type ARRAY columns on a keyed Python stream).
+
+def canonical_event_pattern(cfg: Config) -> str:
+    """A Java regex for the canonical encoding of an event (what ``freshet replay`` and most producers write).
+
+    ``{"user_id": "u1", "item_id": "i9", "behavior": "view", "ts": 1700000000000[, "value": 4.0]}``: keys
+    in this order, string ids of printable ASCII, a non-negative integer ``ts``, a plain decimal ``value``
+    and no ``event_id``. A record that matches is a valid event by every rule of CONTRACTS §1 except the
+    ``ts`` horizon, which the query checks; groups: 1 user, 2 item, 3 behaviour, 4 ts, 5 value.
+    Everything else (other key orders, escapes, event ids, ...) takes the exact Python validator.
+    """
+    ident = _PLAIN_ID % min(cfg.events.max_id_bytes, 4096)
+    behaviors = "|".join(b for b in cfg.events.behaviors if b.replace("_", "").replace("-", "").isalnum())
+    field = lambda name: f'{_WS}"{name}"{_WS}:{_WS}'   # noqa: E731
+    return ("^\\{" + field("user_id") + ident + _WS + "," + field("item_id") + ident + _WS + ","
+            + field("behavior") + f'"({behaviors})"' + _WS + "," + field("ts") + "(0|[1-9][0-9]{0,15})"
+            + "(?:" + _WS + "," + field("value") + "(-?(?:0|[1-9][0-9]{0,15})(?:\\.[0-9]{1,17})?))?"
+            + _WS + "\\}$")
+
+
+def now_ms_sql() -> str:
+    """Processing time in epoch ms (CURRENT_TIMESTAMP is evaluated once per record)."""
+    return "(EXTRACT(EPOCH FROM CURRENT_TIMESTAMP) * 1000 + EXTRACT(MILLISECOND FROM CURRENT_TIMESTAMP))"
+
+
+def weight_sql(cfg: Config, behavior: str, value: str) -> str:
+    """The positive-signal weight of an event, as ``EventValidator.weight`` computes it."""
+    cases = " ".join(f"WHEN {_quote(b)} THEN CAST({float(cfg.events.weights[b])!r} AS DOUBLE)"
+                     for b in cfg.events.behaviors)
+    return (f"CASE WHEN {behavior} = 'rate' AND {value} < {float(cfg.events.rate_min_value)!r} THEN CAST(0.0 AS DOUBLE) "
+            f"ELSE CASE {behavior} {cases} END END")
+
+
+def classified_query(cfg: Config, raw: str) -> str:
+    """Raw records plus ``canonical``: true when the JVM can accept the record without Python.
+
+    A canonical record is ASCII, so its length in characters is its length in bytes.
+    """
+    pattern = _quote(canonical_event_pattern(cfg))
+    limit = f"CAST(UNIX_TIMESTAMP() AS BIGINT) * 1000 + {cfg.events.max_future_ms}"
+    text = "CAST(`value` AS STRING)"
+    return f"""
+SELECT `value`, `topic`, `partition`, `offset`, rowtime, {text} AS text,
+       COALESCE(CHAR_LENGTH({text}) <= {cfg.events.max_message_bytes} AND REGEXP({text}, {pattern})
+                AND CAST(REGEXP_EXTRACT({text}, {pattern}, 4) AS BIGINT) <= {limit}, FALSE) AS canonical
+FROM {raw}"""
+
+
+def fast_events_query(cfg: Config, classified: str) -> str:
+    """Canonical records parsed in the JVM: the same columns as the Python validator's accepted events."""
+    pattern = _quote(canonical_event_pattern(cfg))
+    group = lambda j: f"REGEXP_EXTRACT(text, {pattern}, {j})"   # noqa: E731
+    value = f"CAST({group(5)} AS DOUBLE)"
+    return f"""
+SELECT {group(1)} AS user_id, {group(2)} AS item_id, CAST({group(4)} AS BIGINT) AS ts,
+       {weight_sql(cfg, group(3), value)} AS weight,
+       `value`, `topic`, `partition`, `offset`, rowtime
+FROM {classified} WHERE canonical"""
+
+
+def slow_parsed_query(classified: str, parse_fn: str, names: list[str]) -> str:
+    """Every other record through the exact Python validator (a table function: an event or a dead letter)."""
+    return f"""
+SELECT p.user_id, p.item_id, p.ts, p.weight, p.dead_letter, c.`value`, c.`topic`, c.`partition`, c.`offset`, c.rowtime
+FROM {classified} AS c, LATERAL TABLE({parse_fn}(c.`value`, c.`topic`, c.`partition`, c.`offset`)) AS p({", ".join(names)})
+WHERE NOT c.canonical"""
+
+
+def window_end_sql(cfg: Config, ts: str) -> str:
+    size = cfg.window.size_ms
+    return f"({ts} - MOD({ts}, {size}) + {size})"
+
+
+def late_sql(cfg: Config, ts: str) -> str:
+    """True once the watermark has reached the last millisecond of the event's window (it has fired)."""
+    return f"(TO_TIMESTAMP_LTZ({window_end_sql(cfg, ts)} - 1, 3) <= CURRENT_WATERMARK(rowtime))"
+
+
+def dead_letter_sql(reason: str) -> str:
+    """A dead letter (CONTRACTS §1) built in the JVM, for records that are valid UTF-8."""
+    return (f"JSON_OBJECT('reason' VALUE {reason}, 'raw' VALUE CAST(`value` AS STRING), 'topic' VALUE `topic`, "
+            f"'partition' VALUE `partition`, 'offset' VALUE `offset`)")
+
+
+def late_reason_sql(cfg: Config) -> str:
+    return ("CONCAT('late: ts ', CAST(ts AS STRING), ' is behind the watermark: its window (end ', "
+            f"CAST({window_end_sql(cfg, 'ts')} AS STRING), ') has closed')")
+
+
+def shard_sql(user: str, shards: int) -> str:
+    """Which model (subtask) a user's increments go to: stable across runs (Java's String.hashCode)."""
+    return f"CAST(MOD(ABS(MOD(HASH_CODE({user}), 1048576)), {shards}) AS INT)" if shards > 1 else "0"
+
+
+def window_batches_query(cfg: Config, events: str) -> str:
+    """Per (model shard, window): every user's items with summed weights and counts, in one row.
+
+    ``quads`` is ``[[user, item, weight, count], ...]`` as JSON text. The inner window aggregation sums per
+    (user, item); the outer one, a cascaded window over the same tumbling window, folds a whole window of
+    a shard into one record, so the JVM -> Python boundary is crossed once per window and shard, not once
+    per event. ``closed_at`` is when the window fired (processing time, ms) for latency measurements.
     """
     size_ms = cfg.window.size_ms
     size = interval(size_ms)
@@ -114,12 +221,35 @@ def increments_query(cfg: Config, events_view: str) -> str:
 WITH per_item AS (
   SELECT user_id, item_id, window_time AS item_time,
          SUM(weight) AS weight, COUNT(*) AS cnt, MAX(ts) AS max_ts
-  FROM TABLE(TUMBLE(TABLE {events_view}, DESCRIPTOR(rowtime), {size}))
+  FROM TABLE(TUMBLE(TABLE {events}, DESCRIPTOR(rowtime), {size}))
   GROUP BY user_id, item_id, window_start, window_end, window_time
 )
-SELECT user_id,
+SELECT {shard_sql('user_id', cfg.flink.parallelism)} AS shard,
        MAX(max_ts) - MOD(MAX(max_ts), {size_ms}) + {size_ms} AS window_end_ms,
-       JSON_ARRAYAGG(JSON_ARRAY(item_id, weight, cnt)) AS items
+       {now_ms_sql()} AS closed_at,
+       JSON_ARRAYAGG(JSON_ARRAY(user_id, item_id, weight, cnt)) AS quads
+FROM TABLE(TUMBLE(TABLE per_item, DESCRIPTOR(item_time), {size}))
+GROUP BY {shard_sql('user_id', cfg.flink.parallelism)}, window_start, window_end
+"""
+
+
+def reference_lists_query(cfg: Config, events: str) -> str:
+    """The JVM-only benchmark reference: per (user, window), the window's items and weights (no model).
+
+    Same source, parsing, windowing and sink as the job, so its speed is the engine's ceiling here.
+    """
+    size = interval(cfg.window.size_ms)
+    size_ms = cfg.window.size_ms
+    return f"""
+WITH per_item AS (
+  SELECT user_id, item_id, window_time AS item_time, SUM(weight) AS weight, MAX(ts) AS max_ts
+  FROM TABLE(TUMBLE(TABLE {events}, DESCRIPTOR(rowtime), {size}))
+  GROUP BY user_id, item_id, window_start, window_end, window_time
+)
+SELECT user_id, {now_ms_sql()} AS closed_at,
+       JSON_OBJECT('user_id' VALUE user_id, 'items' VALUE JSON_ARRAYAGG(item_id), 'scores' VALUE JSON_ARRAYAGG(weight),
+                   'window_end' VALUE MAX(max_ts) - MOD(MAX(max_ts), {size_ms}) + {size_ms}, 'model_version' VALUE 0,
+                   'emitted_at' VALUE {now_ms_sql()}) AS payload
 FROM TABLE(TUMBLE(TABLE per_item, DESCRIPTOR(item_time), {size}))
 GROUP BY user_id, window_start, window_end
 """

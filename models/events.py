@@ -151,6 +151,7 @@ class StreamGuard:
         self.dedup_horizon_ms = dedup_horizon_ms
         self.max_ids = max_ids
         self._seen: OrderedDict[str, int] = OrderedDict()
+        self._newest = -1
 
     def window_end(self, ts: int) -> int:
         return ts - ts % self.window_ms + self.window_ms
@@ -165,6 +166,23 @@ class StreamGuard:
             self._seen[event_id] = ts
             self._expire(watermark - self.dedup_horizon_ms)
         return None
+
+    def duplicate(self, event_id: str | None, ts: int) -> bool:
+        """Dedup alone, for callers that check lateness elsewhere: ids are kept ``dedup_horizon_ms`` of event
+        time behind the newest ``ts`` seen.
+
+        >>> g = StreamGuard(window_ms=10, dedup_horizon_ms=100)
+        >>> g.duplicate("a", 5), g.duplicate("a", 50), g.duplicate("b", 500), g.duplicate("a", 501)
+        (False, True, False, False)
+        """
+        if event_id is None or self.dedup_horizon_ms <= 0:
+            return False
+        if event_id in self._seen:
+            return True
+        self._seen[event_id] = ts
+        self._newest = max(self._newest, ts)
+        self._expire(self._newest - self.dedup_horizon_ms)
+        return False
 
     def _expire(self, horizon: int) -> None:
         """Forget ids older than ``horizon`` (in insertion order, which tracks event time closely)."""

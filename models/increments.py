@@ -36,15 +36,43 @@ class Increment:
 
     @classmethod
     def from_arrays(cls, user_id: str, window_end: int, items: Sequence[str], weights: Sequence[float],
-                    counts: Sequence[int], max_items: int) -> "Increment":
+                    counts: Sequence[int], max_items: int, max_events: int | None = None) -> "Increment":
+        """``max_items``: keep the heaviest items. ``max_events``: a window with more events than this is
+        scaled down to weigh as much as ``max_events`` events (a bot cannot outweigh everyone else).
+
+        >>> Increment.from_arrays("bot", 60, ["a", "b"], [9000.0, 1000.0], [9000, 1000], 10, max_events=100).weights
+        (90.0, 10.0)
+        """
         if not (len(items) == len(weights) == len(counts)):
             raise ValueError(f"increment of {user_id!r}: items, weights and counts differ in length "
                              f"({len(items)}, {len(weights)}, {len(counts)})")
         events = int(sum(counts))
+        scale = max_events / events if max_events is not None and events > max_events else 1.0
         order = sorted(range(len(items)), key=lambda j: (-weights[j], items[j]))
         kept = order[:max_items]
-        return cls(user_id, int(window_end), tuple(items[j] for j in kept), tuple(float(weights[j]) for j in kept),
+        return cls(user_id, int(window_end), tuple(items[j] for j in kept),
+                   tuple(float(weights[j]) * scale for j in kept),
                    tuple(int(counts[j]) for j in kept), events, len(items) - len(kept))
+
+    @classmethod
+    def window_from_quads(cls, window_end: int, quads_json: str, max_items: int,
+                          max_events: int | None = None) -> list["Increment"]:
+        """A whole window of a model shard, ``[[user, item, weight, count], ...]``, as one increment per user
+        (users in order of first appearance).
+
+        >>> [(i.user_id, i.items) for i in Increment.window_from_quads(60, '[["u", "a", 1, 1], ["v", "b", 2, 1], ["u", "c", 3, 1]]', 10)]
+        [('u', ('c', 'a')), ('v', ('b',))]
+        """
+        by_user: dict[str, tuple[list, list, list]] = {}
+        for user, item, weight, count in json.loads(quads_json):
+            cols = by_user.get(user)
+            if cols is None:
+                cols = by_user[user] = ([], [], [])
+            cols[0].append(item)
+            cols[1].append(weight)
+            cols[2].append(count)
+        return [cls.from_arrays(user, window_end, items, weights, counts, max_items, max_events)
+                for user, (items, weights, counts) in by_user.items()]
 
 
 @dataclass

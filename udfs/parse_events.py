@@ -1,47 +1,49 @@
-"""ParseEvents: raw Kafka records -> validated events; everything else -> dead-letter side output."""
+"""parse_event: the exact validator for records the JVM fast path did not accept (a table function).
+
+Canonical records (see ``jobs.tables.canonical_event_pattern``) are parsed in the JVM and never reach
+Python. Everything else comes here, one call per record, and leaves as either an event
+``(user_id, item_id, ts, weight, NULL)`` or a dead letter ``(NULL, NULL, NULL, NULL, json)`` with the
+validator's reason (CONTRACTS §1). Events carrying an ``event_id`` are never canonical, so every
+duplicate check happens here. Lateness is checked after this, in SQL, for all events alike.
+"""
 from __future__ import annotations
 
 import time
 
-from pyflink.common import Row
-from pyflink.common.typeinfo import Types
-from pyflink.datastream import OutputTag, ProcessFunction
+from pyflink.table import DataTypes
+from pyflink.table.udf import TableFunction, udtf
 
-from freshet.conf.settings import EventsConfig, WindowConfig
+from freshet.conf.settings import EventsConfig
 from freshet.models.events import EventValidator, Rejection, StreamGuard, dead_letter
 
-# What leaves this function on the main output: one accepted event, reduced to what windowing needs.
-EVENT_TYPE = Types.ROW_NAMED(["user_id", "item_id", "ts", "weight"],
-                             [Types.STRING(), Types.STRING(), Types.LONG(), Types.DOUBLE()])
-# Dead letters (CONTRACTS §1), as JSON text.
-DEAD_LETTERS = OutputTag("dead-letters", Types.STRING())
+RESULT_TYPES = [DataTypes.STRING(), DataTypes.STRING(), DataTypes.BIGINT(), DataTypes.DOUBLE(), DataTypes.STRING()]
+RESULT_NAMES = ["user_id", "item_id", "ts", "weight", "dead_letter"]
 
 
-class ParseEvents(ProcessFunction):
-    """Input rows are ``(value: bytes, topic, partition, offset)`` as read by the Kafka table source."""
-
-    def __init__(self, events: EventsConfig, window: WindowConfig):
+class ParseEvents(TableFunction):
+    def __init__(self, events: EventsConfig, window_ms: int):
         self.events_cfg = events
-        self.window_cfg = window
+        self.window_ms = window_ms
 
-    def open(self, runtime_context):
+    def open(self, function_context):
         self.validator = EventValidator(self.events_cfg)
-        self.guard = StreamGuard(self.window_cfg.size_ms, self.events_cfg.dedup_horizon_ms)
-        metrics = runtime_context.get_metrics_group()
-        self.accepted = metrics.counter("events_accepted")
+        self.guard = StreamGuard(self.window_ms, self.events_cfg.dedup_horizon_ms)
+        metrics = function_context.get_metric_group()
+        self.accepted = metrics.counter("events_accepted_by_python")
         self.rejected = metrics.counter("events_dead_lettered")
 
-    def process_element(self, row, ctx):
-        value, topic, partition, offset = row[0], row[1], row[2], row[3]
+    def eval(self, value, topic, partition, offset):
         event = self.validator.parse(value, int(time.time() * 1000))
         if not isinstance(event, Rejection):
-            code = self.guard.check(event.ts, event.event_id, ctx.timer_service().current_watermark())
-            if code is None:
+            if not self.guard.duplicate(event.event_id, event.ts):
                 self.accepted.inc()
-                yield Row(event.user_id, event.item_id, event.ts, event.weight)
+                yield event.user_id, event.item_id, event.ts, event.weight, None
                 return
-            detail = (f"event_id {event.event_id!r} already seen" if code == "duplicate"
-                      else f"ts {event.ts} is behind the watermark: its window has closed")
-            event = Rejection(code, detail)
+            event = Rejection("duplicate", f"event_id {event.event_id!r} already seen")
         self.rejected.inc()
-        yield DEAD_LETTERS, dead_letter(event.reason, value, topic, partition, offset)
+        yield None, None, None, None, dead_letter(event.reason, value, topic, partition, offset)
+
+
+def parse_event_function(events: EventsConfig, window_ms: int):
+    """The table function to register (``t_env.create_temporary_function``)."""
+    return udtf(ParseEvents(events, window_ms), result_types=RESULT_TYPES)

@@ -4,7 +4,7 @@ The model lives in Flink keyed state, so a checkpoint holds the model *as of tha
 
 * ``model``: a snapshot of the model's full state (parameters, id tables, seen sets, counters, random
   streams) as bytes, rewritten every ``flink.model_snapshot_interval_ms`` of processing time;
-* ``log``: every increment received since that snapshot (one small append per increment);
+* ``log``: every window batch received since that snapshot (one append per window and shard);
 * ``flushes``: the last ``window_end`` of each model call since the snapshot.
 
 On restore the function loads the snapshot and re-runs the logged calls that had completed before
@@ -14,15 +14,16 @@ the parameters it had at the checkpoint, not from scratch and not from a later p
 whole model on every call would cost far more than appending increments; replaying at most one
 snapshot interval of calls costs seconds, once, on restore.
 
-The stream is keyed by model shard (``crc32(user_id) % flink.parallelism``), so each subtask holds one
-model for its users and the state sits under one key per model.
+The input is keyed by model shard (computed in SQL from the user id), so each subtask holds one model
+for its users and the state sits under one key per model. Each input row is a whole window of a shard
+(``kind = 'win'``: every user's items as one JSON text), so the JVM -> Python boundary is crossed once
+per window, not once per event; dead letters found in the JVM (``kind = 'dlq'``) pass straight through.
 """
 from __future__ import annotations
 
 import base64
 import json
 import time
-import zlib
 
 from pyflink.common import Row
 from pyflink.common.typeinfo import Types
@@ -33,22 +34,22 @@ from freshet.conf.settings import Config
 from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
 
-# What leaves this function: (kind, Kafka key, Kafka value). kind "rec": a recommendation (CONTRACTS §2)
-# keyed by user; kind "metrics": a live-metrics record. The job routes them to their topics in SQL.
-OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload"], [Types.STRING(), Types.STRING(), Types.STRING()])
-INCREMENT_TYPE = Types.ROW([Types.STRING(), Types.LONG(), Types.STRING()])   # (user_id, window_end, items JSON)
+# What leaves this function: (kind, Kafka key, Kafka value, window closed at). kind "rec": a recommendation
+# (CONTRACTS §2) keyed by user; "metrics": a live-metrics record; "dlq": a dead letter passed through.
+# The job routes them to their topics in SQL.
+OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload", "closed_at"],
+                              [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()])
+WINDOW_ROW_TYPE = Types.ROW([Types.LONG(), Types.LONG(), Types.STRING()])   # (window_end, closed_at, quads JSON)
 END_OF_INPUT = 2 ** 63 - 1
-
-
-def model_shard(user_id: str, shards: int) -> int:
-    """Which model a user's increments go to (stable across runs and machines)."""
-    return zlib.crc32(user_id.encode("utf-8")) % shards if shards > 1 else 0
 
 
 def model_class(cfg: Config):
     if cfg.model.kind == "popularity":
         from freshet.models.popularity import Popularity
         return Popularity
+    if cfg.model.kind == "echo":
+        from freshet.models.echo import Echo
+        return Echo
     from freshet.models.online_mf import OnlineMF
     return OnlineMF
 
@@ -73,10 +74,12 @@ class RecommendOnline(KeyedProcessFunction):
     def open(self, runtime_context):
         self.model = None     # loaded lazily: keyed state can only be read with a current key
         self.buffer = WindowBuffer()
+        self.window_rows: dict[int, tuple[int, str]] = {}   # pending window_end -> (closed_at, quads), for the log
+        self.closed_at: dict[int, int] = {}                 # window_end -> when the JVM closed it (last call)
         # A list of at most one snapshot, base64 text: PyFlink's embedded (thread) mode can neither read an
         # unset ValueState nor hand Python bytes to a byte[] state.
         self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.STRING()))
-        self.log = runtime_context.get_list_state(ListStateDescriptor("log", INCREMENT_TYPE))
+        self.log = runtime_context.get_list_state(ListStateDescriptor("log", WINDOW_ROW_TYPE))
         self.flush_log = runtime_context.get_list_state(ListStateDescriptor("flushes", Types.LONG()))
         metrics = runtime_context.get_metrics_group()
         self.flushes = metrics.counter("model_calls")
@@ -99,17 +102,24 @@ class RecommendOnline(KeyedProcessFunction):
         blob = next(iter(self.model_state.get() or []), None)
         cls = model_class(self.cfg)
         self.model = cls.from_bytes(base64.b64decode(blob), self.cfg.model) if blob else cls(self.cfg.model)
-        logged = [self._increment(r) for r in (self.log.get() or [])]
+        for row in (self.log.get() or []):
+            self._add_window(int(row[0]), int(row[1]), row[2])
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
-        for inc in logged:
-            self.buffer.add(inc)
         for upto in boundaries:     # re-learn exactly the calls made before the checkpoint, emit nothing
-            closed = self.buffer.close(upto - 1)
+            closed = self._close(upto - 1)
             self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
             self.restored_windows += len(closed)
 
-    def _increment(self, row) -> Increment:
-        return Increment.from_json(row[0], row[1], row[2], self.cfg.window.max_items_per_increment)
+    def _add_window(self, window_end: int, closed_at: int, quads: str) -> None:
+        for inc in Increment.window_from_quads(window_end, quads, self.cfg.window.max_items_per_increment,
+                                               self.cfg.window.max_events_per_user_window):
+            self.buffer.add(inc)
+        self.window_rows[window_end] = (closed_at, quads)
+
+    def _close(self, watermark: int) -> list:
+        closed = self.buffer.close(watermark)
+        self.closed_at = {end: self.window_rows.pop(end, (0, ""))[0] for end, _ in closed}
+        return closed
 
     def _snapshot_if_due(self) -> None:
         if time.monotonic() - self.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
@@ -118,21 +128,25 @@ class RecommendOnline(KeyedProcessFunction):
         self.model_state.add(base64.b64encode(self.model.to_bytes()).decode("ascii"))
         self.flush_log.clear()
         self.log.clear()
-        for inc in self.buffer.pending():
-            self.log.add(Row(inc.user_id, inc.window_end, inc.items_json()))
+        for window_end, (closed_at, quads) in sorted(self.window_rows.items()):
+            self.log.add(Row(window_end, closed_at, quads))
         self.last_snapshot = time.monotonic()
 
     # ---- processing ------------------------------------------------------------------------------
     def process_element(self, row, ctx):
+        kind, _shard, window_end, closed_at, body = row[0], row[1], row[2], row[3], row[4]
+        if kind == "dlq":
+            yield Row("dlq", None, body, None)
+            return
         self._ensure_model()
-        self.buffer.add(self._increment(row))
-        self.log.add(Row(row[0], row[1], row[2]))
-        ctx.timer_service().register_event_time_timer(row[1] - 1)
+        self._add_window(window_end, closed_at, body)
+        self.log.add(Row(window_end, closed_at, body))
+        ctx.timer_service().register_event_time_timer(window_end - 1)
 
     def on_timer(self, timestamp, ctx):
         self._ensure_model()
         watermark = ctx.timer_service().current_watermark()
-        closed = self.buffer.close(max(timestamp, watermark))
+        closed = self._close(max(timestamp, watermark))
         if closed:  # else another timer for the same windows already flushed them
             started = time.perf_counter()
             lists = self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
@@ -144,13 +158,13 @@ class RecommendOnline(KeyedProcessFunction):
             for wl in lists:
                 payload = {"user_id": wl.user_id, "items": wl.rec.items, "scores": wl.rec.scores,
                            "window_end": wl.window_end, "model_version": wl.model_version, "emitted_at": emitted_at}
-                yield Row("rec", wl.user_id, json.dumps(payload, ensure_ascii=False))
+                yield Row("rec", wl.user_id, json.dumps(payload, ensure_ascii=False), self.closed_at.get(wl.window_end))
             self.emitted.inc(len(lists))
             self._score_live(closed, lists)
             self._snapshot_if_due()
         if self._metrics_due(watermark):
             shard = ctx.get_current_key()
-            yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}))
+            yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}), None)
 
     # ---- live quality ----------------------------------------------------------------------------
     def _score_live(self, closed, lists):
