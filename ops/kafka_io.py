@@ -16,11 +16,12 @@ def admin(cfg: Config) -> AdminClient:
     return AdminClient(cfg.kafka.client_properties())
 
 
-def ensure_topics(cfg: Config, timeout: float = 60.0) -> list[str]:
+def ensure_topics(cfg: Config, timeout: float = 60.0, topic_config: dict[str, dict[str, str]] | None = None) -> list[str]:
     """Create the job's topics (input, output, dead letters) if missing; returns the names created.
 
     Retries until every topic exists with partition leaders: right after a delete, Kafka may still
-    answer "already exists" for a topic that is about to disappear.
+    answer "already exists" for a topic that is about to disappear. ``topic_config``: extra topic
+    settings by name (e.g. LogAppendTime timestamps for the benchmark's output topics).
     """
     client = admin(cfg)
     wanted = cfg.kafka.topics()
@@ -38,7 +39,8 @@ def ensure_topics(cfg: Config, timeout: float = 60.0) -> list[str]:
             # retention.ms=-1: replays carry historical timestamps, which time-based retention would
             # delete at the broker's next check (it compares record timestamps with now).
             futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1,
-                                                     config={"retention.ms": "-1"}) for t in missing])
+                                                     config={"retention.ms": "-1", **(topic_config or {}).get(t, {})})
+                                            for t in missing])
             for topic, fut in futures.items():
                 try:
                     fut.result(timeout)
@@ -81,6 +83,7 @@ class Message:
     partition: int
     offset: int
     timestamp: int
+    headers: tuple = ()     # ((name, bytes), ...)
 
 
 def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
@@ -138,7 +141,8 @@ def read_topic(cfg: Config, topic: str, *, read_committed: bool = True,
             at_end.discard(msg.partition())
             position[msg.partition()] = msg.offset() + 1
             progress = time.monotonic()
-            yield Message(msg.key(), msg.value(), msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1])
+            yield Message(msg.key(), msg.value(), msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1],
+                          tuple(msg.headers() or ()))
     finally:
         consumer.close()
 

@@ -115,8 +115,9 @@ class Progress:
 
 
 def replay(cfg: Config, df: pd.DataFrame, topic: str | None = None, speed: float | None = None,
-           progress: bool = True, producer_factory: Callable | None = None) -> ReplaySummary:
-    """Produce ``df`` to ``topic`` in order; ``speed`` N replays at N x real time, ``None`` as fast as possible."""
+           progress: bool = True, producer_factory: Callable | None = None, rate: float | None = None) -> ReplaySummary:
+    """Produce ``df`` to ``topic`` in order; ``speed`` N replays at N x real time, ``rate`` R at R events/s
+    (steady load, whatever the timestamps), neither: as fast as possible."""
     from freshet.ops import kafka_io
     topic = topic or cfg.kafka.input_topic
     prod = (producer_factory or kafka_io.producer)(cfg)
@@ -126,8 +127,8 @@ def replay(cfg: Config, df: pd.DataFrame, topic: str | None = None, speed: float
     first_ts = int(df["ts"].iloc[0]) if len(df) else None
     sent = 0
     for key, value, ts in encode(df):
-        if speed is not None:
-            due = started + (ts - first_ts) / 1000.0 / speed
+        if speed is not None or rate is not None:
+            due = started + ((ts - first_ts) / 1000.0 / speed if speed is not None else sent / rate)
             delay = due - time.monotonic()
             if delay > 0:
                 prod.poll(0)

@@ -135,6 +135,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def cmd_bench(args) -> int:
+    from freshet.ops.bench import bench
+    bench(_config(args), args.dataset, _names(args.systems), args.out_dir, events=args.events,
+          paced_rate=args.paced_rate, paced_seconds=args.paced_seconds, paced_systems=_names(args.paced_systems),
+          scales=[int(x) for x in _names(args.scale)])
+    return 0
+
+
 def cmd_tune(args) -> int:
     from freshet.ops import replay, tune, vendor
     cfg = _config(args)
@@ -219,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(learns the first 20%% of the log), sync-10min|sync-1h|sync-1d (the online model serving "
                         "parameters synced every 10 min / 1 h / 1 day of event time)")
     p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where the reports go")
+
+    p = add("bench", cmd_bench, "Benchmark on the real pipeline (Kafka -> Flink -> Kafka): the job next to a "
+                                  "JVM-only reference and a no-op scorer, in one run; events/s, lists/s, CPU, peak "
+                                  "RSS, window-close -> list-written latency; JSON and Markdown reports.")
+    p.add_argument("--dataset", default="ml-1m", choices=["ml-100k", "ml-1m"])
+    p.add_argument("--events", type=int, help="use only the first N events of the log (quick runs)")
+    p.add_argument("--systems", default="reference,echo,full",
+                   help="comma-separated subset of: reference (JVM only, no Python), echo (the job with a no-op "
+                        "scorer), full (the job)")
+    p.add_argument("--paced-rate", type=float, default=5000.0,
+                   help="events/s of the paced run (latency under steady load); 0 skips it")
+    p.add_argument("--paced-seconds", type=float, default=60.0, help="length of each paced replay")
+    p.add_argument("--paced-systems", default="reference,full", help="systems that get a paced run")
+    p.add_argument("--scale", default="10,100",
+                   help="comma-separated user multipliers for the scaling runs of the full job ('' skips them)")
+    p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where bench-<dataset>.json/.md go")
 
     p = add("tune", cmd_tune, "Grid search of model settings on a MovieLens log with the model alone (same "
                                 "increments and order as the job); one JSON line of HR@10 per setting.")
