@@ -180,9 +180,13 @@ class FlinkConfig:
     metrics_interval_ms: int = 10000          # processing time between live-metrics records
     restart_attempts: int = 10
     restart_delay_ms: int = 3000
+    python_bundle_time_ms: int = 100          # a Python operator flushes its output at least this often
+    python_bundle_size: int = 1000            # ... or after this many input records
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
+        _require(self.python_bundle_time_ms >= 1 and self.python_bundle_size >= 1,
+                 "flink.python_bundle_time_ms and flink.python_bundle_size must be >= 1")
         _require(self.model_snapshot_interval_ms >= 0, "flink.model_snapshot_interval_ms must be >= 0 (0: every call)")
         _require(self.metrics_interval_ms >= 0, "flink.metrics_interval_ms must be >= 0")
         _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,

@@ -35,6 +35,8 @@ def flink_configuration(cfg: Config) -> Configuration:
     conf.set_string("python.executable", sys.executable)
     conf.set_string("python.client.executable", sys.executable)
     conf.set_string("python.execution-mode", cfg.flink.execution_mode)
+    conf.set_string("python.fn-execution.bundle.time", str(cfg.flink.python_bundle_time_ms))
+    conf.set_string("python.fn-execution.bundle.size", str(cfg.flink.python_bundle_size))
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
     conf.set_string("state.backend.type", cfg.flink.state_backend)
     conf.set_string("execution.checkpointing.dir", (home / "checkpoints").resolve().as_uri())

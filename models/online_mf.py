@@ -161,6 +161,9 @@ class OnlineMF(Recommender):
             i32([None]), i32([None]), i32([None, self.cfg.negatives]), tf.TensorSpec([None], tf.float32),
             i32([None]), i32([None]), tf.TensorSpec([None], tf.float32), i32([None]), i32([None, 2]), i32([None]),
             i32([None]), i32([None]), i32([None]), i32([])])
+        # Called through its concrete function: the polymorphic entry point re-binds and re-checks all 14
+        # arguments on every call (~1 ms here), which dominated calls that close only a window or two.
+        self._fused_call = self._fused.get_concrete_function()
 
     def _sgd_step(self, u_idx, p_idx, n_idx, w):
         lr, l2 = self.cfg.learning_rate, self.cfg.l2
@@ -298,13 +301,13 @@ class OnlineMF(Recommender):
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
                else np.zeros(shape, dtype))
         with tf.device(self.device):
-            values, indices = self._fused(
+            values, indices = self._fused_call(*(tf.convert_to_tensor(a) for a in (
                 cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
                 cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
                 np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32),
                 np.asarray(excl, np.int32).reshape(-1, 2),
                 np.asarray(excl_end, np.int32), born.astype(np.int32), np.asarray(visible, np.int32),
-                np.asarray(sync, np.int32), np.int32(k_eff))
+                np.asarray(sync, np.int32), np.int32(k_eff))))
         self.version = version
         values, indices = values.numpy(), indices.numpy()
         out = []
