@@ -172,14 +172,19 @@ class OnlineMF(Recommender):
         n = tf.gather(self._V, n_idx)                 # [P, N, d]
         bp = tf.gather(self._b, p_idx)                # [P]
         bn = tf.gather(self._b, n_idx)                # [P, N]
-        with tf.GradientTape() as tape:
-            tape.watch([u, p, n, bp, bn])
-            pos = tf.reduce_sum(u * p, -1) + bp                       # [P]
-            neg = tf.einsum("pd,pnd->pn", u, n) + bn                  # [P, N]
-            pair_loss = -tf.reduce_mean(tf.math.log_sigmoid(pos[:, None] - neg), axis=1)
-            loss = tf.reduce_sum(w * pair_loss) + l2 * (
-                tf.reduce_sum(u * u) + tf.reduce_sum(p * p) + tf.reduce_sum(n * n))
-        gu, gp, gn, gbp, gbn = tape.gradient(loss, [u, p, n, bp, bn])
+        # Closed-form gradients of the loss below (no tape: a third of the ops, which matters in the
+        # fused loop, where op dispatch, not arithmetic, is the cost of a small step):
+        #   loss = sum_p w_p * mean_n -log sigmoid(pos_p - neg_pn) + l2 * (|u|^2 + |p|^2 + |n|^2)
+        pos = tf.reduce_sum(u * p, -1) + bp                       # [P]
+        neg = tf.einsum("pd,pnd->pn", u, n) + bn                  # [P, N]
+        margin = pos[:, None] - neg
+        g = -tf.sigmoid(-margin) * (w / float(self.cfg.negatives))[:, None]    # d loss / d margin  [P, N]
+        gbp = tf.reduce_sum(g, 1)                                 # d loss / d pos
+        gbn = -g                                                  # d loss / d neg
+        gu = gbp[:, None] * p + tf.einsum("pn,pnd->pd", gbn, n) + 2 * l2 * u
+        gp = gbp[:, None] * u + 2 * l2 * p
+        gn = gbn[:, :, None] * u[:, None, :] + 2 * l2 * n
+        pair_loss = -tf.reduce_mean(tf.math.log_sigmoid(margin), axis=1)
         flat_n = tf.reshape(n_idx, [-1])
         self._U.scatter_sub(tf.IndexedSlices(lr * gu, u_idx))
         self._V.scatter_sub(tf.IndexedSlices(lr * gp, p_idx))
