@@ -24,17 +24,6 @@ class Increment:
     dropped_items: int = 0  # distinct items beyond ``max_items`` that were left out (lightest first)
 
     @classmethod
-    def from_json(cls, user_id: str, window_end: int, items_json: str, max_items: int) -> "Increment":
-        """From the window aggregation's ``[[item, weight, count], ...]`` text."""
-        rows = json.loads(items_json)
-        return cls.from_arrays(user_id, window_end, [r[0] for r in rows], [r[1] for r in rows],
-                               [r[2] for r in rows], max_items)
-
-    def items_json(self) -> str:
-        """The inverse of :meth:`from_json` (for the kept items)."""
-        return json.dumps([[i, w, c] for i, w, c in zip(self.items, self.weights, self.counts)], ensure_ascii=False)
-
-    @classmethod
     def from_arrays(cls, user_id: str, window_end: int, items: Sequence[str], weights: Sequence[float],
                     counts: Sequence[int], max_items: int, max_events: int | None = None) -> "Increment":
         """``max_items``: keep the heaviest items. ``max_events``: a window with more events than this is

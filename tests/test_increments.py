@@ -4,9 +4,21 @@ from freshet.models.increments import Increment, WindowBuffer
 
 
 def test_increment_keeps_heaviest_items_and_counts_every_event():
-    inc = Increment.from_json("u", 60_000, '[["a", 1.0, 1], ["b", 7.0, 3], ["c", 2.0, 2]]', max_items=2)
+    [inc] = Increment.window_from_quads(60_000, '[["u", "a", 1.0, 1], ["u", "b", 7.0, 3], ["u", "c", 2.0, 2]]',
+                                        max_items=2)
     assert inc.items == ("b", "c") and inc.weights == (7.0, 2.0) and inc.counts == (3, 2)
     assert inc.events == 6 and inc.dropped_items == 1
+
+
+def test_window_of_a_shard_splits_into_users_and_caps_heavy_windows():
+    import json
+    quads = [["bot", "i0", 5.0, 5]] + [["bot", f"i{j}", 1.0, 1] for j in range(1, 100_000)] + [["u", "a", 2.0, 1]]
+    bot, u = Increment.window_from_quads(120_000, json.dumps(quads), max_items=3, max_events=1_000)
+    assert (bot.user_id, bot.window_end, bot.events, bot.dropped_items) == ("bot", 120_000, 100_004, 99_997)
+    assert bot.items == ("i0", "i1", "i10") and bot.counts == (5, 1, 1)
+    scale = 1_000 / 100_004     # the window weighs as 1,000 events
+    assert bot.weights == pytest.approx((5 * scale, scale, scale))
+    assert (u.items, u.weights, u.events) == (("a",), (2.0,), 1)
 
 
 def test_increment_rejects_misaligned_arrays():
