@@ -110,8 +110,10 @@ def json_sink_ddl(cfg: Config, name: str, topic: str, suffix: str) -> str:
 )"""
 
 
-# Printable ASCII without '"' and '\': an id in this alphabet needs no JSON escapes and has as many bytes as chars.
-_PLAIN_ID = r'"([ !#-\[\]-~]{1,%d})"'
+# An id that needs no JSON escapes: printable ASCII without '"' and '\' (as many bytes as chars), or any
+# characters but '"', '\', controls and U+FFFD (what Java decodes invalid UTF-8 to), at most 4 bytes each.
+_ASCII_ID = r'[ !#-\[\]-~]{1,%d}'
+_UNICODE_ID = r'[^"\\\x00-\x1f\uFFFD]{1,%d}'
 _WS = "[ \\t\\n\\r]*"
 
 
@@ -119,12 +121,16 @@ def canonical_event_pattern(cfg: Config) -> str:
     """A Java regex for the canonical encoding of an event (what ``freshet replay`` and most producers write).
 
     ``{"user_id": "u1", "item_id": "i9", "behavior": "view", "ts": 1700000000000[, "value": 4.0]}``: keys
-    in this order, string ids of printable ASCII, a non-negative integer ``ts``, a plain decimal ``value``
-    and no ``event_id``. A record that matches is a valid event by every rule of CONTRACTS §1 except the
+    in this order, string ids without escapes (any length up to ``max_id_bytes`` in printable ASCII, up
+    to a quarter of it otherwise), a non-negative integer ``ts``, a plain decimal ``value`` and no
+    ``event_id``. A record that matches is a valid event by every rule of CONTRACTS §1 except the
     ``ts`` horizon, which the query checks; groups: 1 user, 2 item, 3 behaviour, 4 ts, 5 value.
     Everything else (other key orders, escapes, event ids, ...) takes the exact Python validator.
     """
-    ident = _PLAIN_ID % min(cfg.events.max_id_bytes, 4096)
+    max_bytes = cfg.events.max_id_bytes
+    ident = f'"({_ASCII_ID % max_bytes}|{_UNICODE_ID % (max_bytes // 4)})"' if max_bytes >= 4 else \
+        f'"({_ASCII_ID % max_bytes})"'
+
     behaviors = "|".join(b for b in cfg.events.behaviors if b.replace("_", "").replace("-", "").isalnum())
     field = lambda name: f'{_WS}"{name}"{_WS}:{_WS}'   # noqa: E731
     return ("^\\{" + field("user_id") + ident + _WS + "," + field("item_id") + ident + _WS + ","
@@ -149,14 +155,15 @@ def weight_sql(cfg: Config, behavior: str, value: str) -> str:
 def classified_query(cfg: Config, raw: str) -> str:
     """Raw records plus ``canonical``: true when the JVM can accept the record without Python.
 
-    A canonical record is ASCII, so its length in characters is its length in bytes.
+    A UTF-8 character takes at most 4 bytes, so a record of at most ``max_message_bytes / 4`` characters
+    is within the byte limit (canonical records are far shorter; longer ones take the exact Python check).
     """
     pattern = _quote(canonical_event_pattern(cfg))
     limit = f"CAST(UNIX_TIMESTAMP() AS BIGINT) * 1000 + {cfg.events.max_future_ms}"
     text = "CAST(`value` AS STRING)"
     return f"""
 SELECT `value`, `topic`, `partition`, `offset`, rowtime, {text} AS text,
-       COALESCE(CHAR_LENGTH({text}) <= {cfg.events.max_message_bytes} AND REGEXP({text}, {pattern})
+       COALESCE(CHAR_LENGTH({text}) <= {cfg.events.max_message_bytes // 4} AND REGEXP({text}, {pattern})
                 AND CAST(REGEXP_EXTRACT({text}, {pattern}, 4) AS BIGINT) <= {limit}, FALSE) AS canonical
 FROM {raw}"""
 

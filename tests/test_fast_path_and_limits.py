@@ -45,6 +45,8 @@ def python_pattern(cfg) -> re.Pattern:
 
 
 ids = st.one_of(st.text(st.characters(min_codepoint=0, max_codepoint=0x2FF), min_size=0, max_size=12),
+                st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=80),
+                st.text(st.sampled_from(["\ufffd", "é", "a", "\U0001F600", "\x7f", "\u2028"]), min_size=1, max_size=70),
                 st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=8))
 
 
@@ -71,7 +73,7 @@ def test_canonical_pattern_accepts_only_what_the_validator_accepts(user, item, b
 def test_canonical_pattern_matches_what_replay_writes(cfg):
     from freshet.ops.replay import encode
     import pandas as pd
-    df = pd.DataFrame({"user_id": ["196", "u 7"], "item_id": ["242", "i-9"], "behavior": ["rate", "view"],
+    df = pd.DataFrame({"user_id": ["196", "u 7"], "item_id": ["242", "Life Is Beautiful (La Vita è bella) (1997)"], "behavior": ["rate", "view"],
                        "ts": [881250949000, 5], "value": [3.0, float("nan")]})
     pattern = python_pattern(cfg)
     assert all(pattern.fullmatch(value.decode()) for _, value, _ in encode(df))
@@ -112,6 +114,9 @@ def test_fast_path_equals_python_path_and_a_100k_event_window_stays_bounded(topi
         send("bot", f"b{j % 20_000}", "view", bot_window + j % 50_000, None, canonical)
         if j % 20_000 == 0:
             prod.poll(0)
+    # Canonical in shape but not valid UTF-8 (Java would decode the byte to U+FFFD): never the fast path.
+    broken = canonical("fast", "i\u00e9", "view", T0 + 5 * WINDOW).replace("\\u00e9".encode(), b"\xe9")
+    prod.produce(cfg.kafka.input_topic, key="fast", value=broken, on_delivery=report)
     # one more event, later, so the watermark passes the last windows
     send("fast", "i0", "view", T0 + 6 * WINDOW, None, canonical)
     kafka_io.flush_or_fail(prod, report)
@@ -124,7 +129,7 @@ def test_fast_path_equals_python_path_and_a_100k_event_window_stays_bounded(topi
         monitor.stop()
     recs = kafka_io.read_json(cfg, cfg.kafka.output_topic)
     dead = kafka_io.read_json(cfg, cfg.kafka.dlq_topic)
-    assert dead == []
+    assert [d["reason"].split(":")[0] for d in dead] == ["not_utf8"]
     by_key = {(r["user_id"], r["window_end"]): r for r in recs}
     assert len(by_key) == len(recs), "one list per (user, window)"
 
