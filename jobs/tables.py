@@ -152,6 +152,18 @@ def weight_sql(cfg: Config, behavior: str, value: str) -> str:
             f"ELSE CASE {behavior} {cases} END END")
 
 
+def canonical_fields_sql(text: str) -> dict[str, str]:
+    """SQL for the fields of a record already known to be canonical: split on '"' (ids cannot contain
+    one), no regex groups (REGEXP_EXTRACT compiles its pattern again and again: it dominated a profile).
+
+    Pieces: 3 user, 7 item, 11 behaviour, 14 ``: <ts>, `` or ``: <ts>}``, 16 ``: <value>}``.
+    """
+    piece = lambda j: f"SPLIT_INDEX({text}, '\"', {j})"   # noqa: E731
+    return {"user_id": piece(3), "item_id": piece(7), "behavior": piece(11),
+            "ts": f"CAST(REGEXP_REPLACE({piece(14)}, '[^0-9]', '') AS BIGINT)",
+            "value": f"CAST(REGEXP_REPLACE({piece(16)}, '[^-0-9.]', '') AS DOUBLE)"}
+
+
 def classified_query(cfg: Config, raw: str) -> str:
     """Raw records plus ``canonical``: true when the JVM can accept the record without Python.
 
@@ -164,18 +176,16 @@ def classified_query(cfg: Config, raw: str) -> str:
     return f"""
 SELECT `value`, `topic`, `partition`, `offset`, rowtime, {text} AS text,
        COALESCE(CHAR_LENGTH({text}) <= {cfg.events.max_message_bytes // 4} AND REGEXP({text}, {pattern})
-                AND CAST(REGEXP_EXTRACT({text}, {pattern}, 4) AS BIGINT) <= {limit}, FALSE) AS canonical
+                AND {canonical_fields_sql(text)["ts"]} <= {limit}, FALSE) AS canonical
 FROM {raw}"""
 
 
 def fast_events_query(cfg: Config, classified: str) -> str:
     """Canonical records parsed in the JVM: the same columns as the Python validator's accepted events."""
-    pattern = _quote(canonical_event_pattern(cfg))
-    group = lambda j: f"REGEXP_EXTRACT(text, {pattern}, {j})"   # noqa: E731
-    value = f"CAST({group(5)} AS DOUBLE)"
+    f = canonical_fields_sql("text")
     return f"""
-SELECT {group(1)} AS user_id, {group(2)} AS item_id, CAST({group(4)} AS BIGINT) AS ts,
-       {weight_sql(cfg, group(3), value)} AS weight,
+SELECT {f["user_id"]} AS user_id, {f["item_id"]} AS item_id, {f["ts"]} AS ts,
+       {weight_sql(cfg, f["behavior"], f["value"])} AS weight,
        `value`, `topic`, `partition`, `offset`, rowtime
 FROM {classified} WHERE canonical"""
 

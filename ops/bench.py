@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -128,19 +127,26 @@ def start_job(cfg: Config, config_file: Path, bounded: bool, reference: bool) ->
 
 
 def stop_job(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Stop an unbounded job process group (SIGTERM, then SIGKILL)."""
-    import os
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
-            return
+    """Stop an unbounded job: its whole process tree (the Flink JVM can outlive its Python client when
+    it hangs in a shutdown hook), SIGTERM first, then SIGKILL for whatever is left."""
+    import psutil
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for p in alive:
         try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    proc.poll()
 
 
 def read_lists(cfg: Config) -> tuple[list[dict], np.ndarray, np.ndarray]:
@@ -196,7 +202,8 @@ def run_paced(cfg: Config, system: System, df: pd.DataFrame, rate: float, second
     """Latency under steady load: the job runs (unbounded) while the log is replayed at ``rate`` events/s.
 
     A warm-up prefix (the first 1 %) is replayed at full speed and the job must have written its first
-    list before the paced part starts; latency counts only windows closed after that.
+    list before the paced part starts; latency counts only windows closed after that. After the replay
+    the job runs on until its output stops growing, so a job that falls behind shows it in its latency.
     """
     kafka_io.ensure_topics(cfg, topic_config={cfg.kafka.output_topic: LOG_APPEND_TIME})
     warm = max(1000, len(df) // 100)
@@ -220,7 +227,7 @@ def run_paced(cfg: Config, system: System, df: pd.DataFrame, rate: float, second
             f"at {rate:,.0f}/s")
         summary = replay.replay(cfg, paced, progress=False, rate=rate)
         log(f"  {summary}")
-        time.sleep(cfg.flink.checkpoint_interval_ms / 1000 * 2 + 5)   # the last transactions commit
+        wait_until_output_settles(cfg, quiet_s=cfg.flink.checkpoint_interval_ms / 1000 * 2 + 5, log=log)
     finally:
         monitor.stop()
         stop_job(proc)
@@ -231,6 +238,20 @@ def run_paced(cfg: Config, system: System, df: pd.DataFrame, rate: float, second
     out["rate"] = rate
     out["achieved_rate"] = round(summary.events_per_s, 1)
     return out
+
+
+def wait_until_output_settles(cfg: Config, quiet_s: float, timeout_s: float = 900.0, log=print) -> None:
+    """Until the output topic has not grown for ``quiet_s`` (a job behind the pace drains its backlog, and
+    its last transactions commit), so slow lists are measured rather than cut off."""
+    last, since, started = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        now = sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values())
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(1)
+    log(f"  WARNING: output still growing after {timeout_s:.0f}s; stopping the job anyway")
 
 
 def scale_users(df: pd.DataFrame, factor: int) -> pd.DataFrame:
