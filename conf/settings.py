@@ -150,6 +150,7 @@ class ModelConfig:
     expire_after_ms: int = 0       # > 0: rows of ids unseen for this much event time are evicted
     seed: int = 7
     device: str = "auto"
+    threads: int = 1               # TensorFlow op threads (0: TensorFlow's default, one per core)
 
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind must be one of {'|'.join(MODEL_KINDS)}, got {self.kind!r}")
@@ -166,6 +167,7 @@ class ModelConfig:
         _require(self.admit_after >= 1, f"model.admit_after must be >= 1, got {self.admit_after}")
         _require(self.expire_after_ms >= 0, "model.expire_after_ms must be >= 0 (0: never expire)")
         _require(self.device in ("auto", "cpu", "gpu"), f"model.device must be auto|cpu|gpu, got {self.device!r}")
+        _require(self.threads >= 0, "model.threads must be >= 0 (0: TensorFlow's default)")
 
 
 @dataclass(frozen=True)
