@@ -1,0 +1,50 @@
+"""freshet bench: the figures it derives, and one small run of its systems through the real pipeline."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from freshet.ops import bench
+
+
+class FakeMonitor:
+    cpu_seconds = 12.5
+    peak_rss = 3 * 2 ** 30
+
+
+def test_measure_spans_first_close_to_last_write_and_takes_latency_per_list():
+    closed = np.array([1_000, 2_000, 3_000, 9_000])
+    written = np.array([1_010, 2_500, 3_100, 11_000])
+    r = bench.measure(10_000, [{}] * 4, closed, written, launched_ms=0, monitor=FakeMonitor(), wall_s=20.0,
+                      dead_letters=0)
+    assert r["processing_s"] == 10.0 and r["events_per_s"] == 1000.0 and r["lists_per_s"] == 0.4
+    assert r["startup_s"] == 1.0 and r["peak_rss_mib"] == 3072.0 and r["cpu_s"] == 12.5
+    assert r["latency_ms"]["samples"] == 4 and r["latency_ms"]["p50"] == pytest.approx(300.0)
+    paced = bench.measure(10_000, [{}] * 4, closed, written, 0, FakeMonitor(), 20.0, 0, since_ms=2_500)
+    assert paced["latency_ms"]["samples"] == 2 and paced["latency_ms"]["p99"] == pytest.approx(100 + 0.99 * 1900)
+
+
+def test_scaled_log_keeps_events_and_items_and_multiplies_users():
+    import pandas as pd
+    df = pd.DataFrame({"user_id": ["a"] * 30 + ["b"] * 3, "item_id": [str(j) for j in range(33)],
+                       "behavior": "view", "ts": range(33)})
+    scaled = bench.scale_users(df, 10)
+    assert len(scaled) == len(df) and (scaled["item_id"] == df["item_id"]).all()
+    assert scaled["user_id"].nunique() == 13
+
+
+@pytest.mark.integration
+def test_bench_runs_reference_and_echo_and_a_paced_run_on_real_parts(kafka_cfg, kafka, tmp_path):
+    tag_cfg = kafka_cfg.replace(flink={"checkpoint_interval_ms": 2000})
+    report = bench.bench(tag_cfg, "ml-100k", ["reference", "echo"], tmp_path, events=4000, paced_rate=400,
+                         paced_seconds=3, paced_systems=["reference"], scales=[])
+    saved = json.loads((tmp_path / "bench-ml-100k.json").read_text())
+    assert saved["systems"].keys() == {"reference", "echo"} and (tmp_path / "bench-ml-100k.md").is_file()
+    ref, echo = report["systems"]["reference"], report["systems"]["echo"]
+    # the same windows come out of both: one list per active (user, window) of the 4,000 events
+    assert ref["lists"] == echo["lists"] > 0 and ref["dead_letters"] == echo["dead_letters"] == 0
+    for r in (ref, echo, report["paced"]["reference"]):
+        assert r["events_per_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mib"] > 100
+        assert r["latency_ms"]["samples"] > 0 and r["latency_ms"]["p50"] >= 0
