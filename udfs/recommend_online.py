@@ -87,6 +87,7 @@ class RecommendOnline(KeyedProcessFunction):
         self.last_call_ms = 0.0
         self.restored_windows = 0
         self.last_snapshot = self.last_metrics = time.monotonic()
+        self.end_reported = False
         metrics.gauge("last_model_call_ms", lambda: int(self.last_call_ms))
         self.live = LiveHitRate(self.cfg.model.k)
         metrics.gauge("live_hit_rate_ppm", lambda: int(self.live.hit_rate * 1_000_000))
@@ -178,7 +179,10 @@ class RecommendOnline(KeyedProcessFunction):
 
     def _metrics_due(self, watermark: int) -> bool:
         now = time.monotonic()
-        if now - self.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000 or watermark >= END_OF_INPUT:
+        if watermark >= END_OF_INPUT:      # end of a bounded input: every pending timer fires; report once
+            done, self.end_reported = self.end_reported, True
+            return not done
+        if now - self.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000:
             self.last_metrics = now
             return True
         return False
