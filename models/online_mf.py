@@ -271,8 +271,8 @@ class OnlineMF(Recommender):
         self.maintain(windows[0][0])
         pu, pi, pw, pn = [], [], [], []
         pair_end, rec_end, excl_end, visible, sync = [], [], [], [], []
-        rec_rows, rec_known, excl, due = [], [], [], []
-        n_pairs = n_recs = 0
+        rec_rows, rec_known, excl_rec, excl_item, due = [], [], [], [], []
+        n_pairs = n_recs = n_excl = 0
         version = self.version
         step0 = self.steps
         for window_end, increments in windows:
@@ -302,15 +302,18 @@ class OnlineMF(Recommender):
                 if last:
                     for user in dict.fromkeys(inc.user_id for inc in increments):
                         row = self.users.get(user)
-                        if exclude_seen:
-                            excl.extend((n_recs, i) for i in self.seen.get(user, ()))
+                        seen = self.seen.get(user) if exclude_seen else None
+                        if seen:   # as arrays: heavy users have seen thousands of items
+                            excl_rec.append(np.full(len(seen), n_recs, np.int32))
+                            excl_item.append(np.fromiter(seen, np.int32, len(seen)))
+                            n_excl += len(seen)
                         rec_rows.append(row or 0)
                         known = row is not None and self.users.born[row] <= served_step
                         rec_known.append(1.0 if known else 0.0)
                         due.append((user, window_end, served_version))
                         n_recs += 1
                 rec_end.append(n_recs)
-                excl_end.append(len(excl))
+                excl_end.append(n_excl)
                 visible.append(served_step - step0)  # items born at or before this step are listed
         self._grow()
         self._reinit_reused()
@@ -324,7 +327,7 @@ class OnlineMF(Recommender):
                 cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
                 cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
                 np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32),
-                np.asarray(excl, np.int32).reshape(-1, 2),
+                np.stack([cat(excl_rec, np.int32, [0]), cat(excl_item, np.int32, [0])], axis=1),
                 np.asarray(excl_end, np.int32), born.astype(np.int32), np.asarray(visible, np.int32),
                 np.asarray(sync, np.int32), np.int32(k_eff))))
         self.version = version
