@@ -149,19 +149,21 @@ def stop_job(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     proc.poll()
 
 
-def read_lists(cfg: Config) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """The lists a job wrote, with each one's window-close time (header) and broker append time (ms)."""
+def read_output(cfg: Config) -> tuple[list[dict], np.ndarray, np.ndarray, int]:
+    """The lists a job wrote, each one's window-close time (header) and broker append time (ms), and
+    how many dead letters it wrote."""
     values, closed, written = [], [], []
     for msg in kafka_io.read_topic(cfg, cfg.kafka.output_topic):
         values.append(json.loads(msg.value))
         headers = dict(msg.headers)
         closed.append(int(headers[CLOSED_AT_HEADER]) if CLOSED_AT_HEADER in headers else -1)
         written.append(msg.timestamp)
-    return values, np.asarray(closed, np.int64), np.asarray(written, np.int64)
+    dead = sum(1 for _ in kafka_io.read_topic(cfg, cfg.kafka.dlq_topic))
+    return values, np.asarray(closed, np.int64), np.asarray(written, np.int64), dead
 
 
-def measure(events: int, lists: list[dict], closed: np.ndarray, written: np.ndarray, launched_ms: int,
-            monitor: ProcessTreeMonitor, wall_s: float, dead_letters: int, since_ms: int | None = None) -> dict:
+def measure(events: int, lists: list[dict], closed: np.ndarray, written: np.ndarray, dead_letters: int,
+            launched_ms: int, monitor: ProcessTreeMonitor, wall_s: float, since_ms: int | None = None) -> dict:
     """The figures of one run; latency only over windows closed at or after ``since_ms`` (paced mode)."""
     keep = closed >= (since_ms if since_ms is not None else 0)
     latency = (written - closed)[keep]
@@ -192,9 +194,7 @@ def run_bounded(cfg: Config, system: System, events: int, workdir: Path, log=pri
     if proc.returncode != 0:
         tail = (workdir / f"{system.name}.log").read_text()[-3000:]
         raise RuntimeError(f"{system.name} job failed (exit {proc.returncode}):\n{tail}")
-    lists, closed, written = read_lists(cfg)
-    dead = sum(1 for _ in kafka_io.read_topic(cfg, cfg.kafka.dlq_topic))
-    return measure(events, lists, closed, written, launched_ms, monitor, wall, dead)
+    return measure(events, *read_output(cfg), launched_ms, monitor, wall)
 
 
 def run_paced(cfg: Config, system: System, df: pd.DataFrame, rate: float, seconds: float, workdir: Path,
@@ -232,9 +232,7 @@ def run_paced(cfg: Config, system: System, df: pd.DataFrame, rate: float, second
         monitor.stop()
         stop_job(proc)
     wall = time.monotonic() - started
-    lists, closed, written = read_lists(cfg)
-    dead = sum(1 for _ in kafka_io.read_topic(cfg, cfg.kafka.dlq_topic))
-    out = measure(warm + len(paced), lists, closed, written, launched_ms, monitor, wall, dead, since_ms)
+    out = measure(warm + len(paced), *read_output(cfg), launched_ms, monitor, wall, since_ms)
     out["rate"] = rate
     out["achieved_rate"] = round(summary.events_per_s, 1)
     return out
@@ -360,22 +358,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
 def summary_line(name: str, r: dict) -> str:
     lat = r["latency_ms"]
-    fmt = lambda v: "-" if v is None else f"{v:,.0f}"   # noqa: E731
     return (f"{name}: {r['events_per_s']:,.0f} events/s, {r['lists_per_s']:,.0f} lists/s over {r['processing_s']}s "
             f"(start-up {r['startup_s']}s, wall {r['wall_s']}s); CPU {r['cpu_s']}s; peak RSS {r['peak_rss_mib']:,.0f} MiB; "
-            f"latency p50/p95/p99 {fmt(lat['p50'])}/{fmt(lat['p95'])}/{fmt(lat['p99'])} ms; "
+            f"latency p50/p95/p99 {_ms(lat['p50'])}/{_ms(lat['p95'])}/{_ms(lat['p99'])} ms; "
             f"{r['lists']:,} lists, {r['dead_letters']} dead letters")
 
 
 def markdown(report: dict) -> str:
     def row(name, r, extra=""):
         lat = r["latency_ms"]
-        fmt = lambda v: "–" if v is None else f"{v:,.0f}"   # noqa: E731
         return (f"| {name} | {r['events_per_s']:,.0f} | {r['lists_per_s']:,.0f} | {r['processing_s']} | "
-                f"{r['startup_s']} | {r['cpu_s']} | {r['peak_rss_mib']:,.0f} | {fmt(lat['p50'])} | {fmt(lat['p95'])} | "
-                f"{fmt(lat['p99'])} | {r['lists']:,} |{extra}")
+                f"{r['startup_s']} | {r['cpu_s']} | {r['peak_rss_mib']:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p95'])} | "
+                f"{_ms(lat['p99'])} | {r['lists']:,} |{extra}")
     head = ("| system | events/s | lists/s | processing s | start-up s | CPU s | peak RSS MiB | "
             "latency p50 ms | p95 | p99 | lists |")
     rule = "|" + "---|" * 11

@@ -17,12 +17,12 @@ class FakeMonitor:
 def test_measure_spans_first_close_to_last_write_and_takes_latency_per_list():
     closed = np.array([1_000, 2_000, 3_000, 9_000])
     written = np.array([1_010, 2_500, 3_100, 11_000])
-    r = bench.measure(10_000, [{}] * 4, closed, written, launched_ms=0, monitor=FakeMonitor(), wall_s=20.0,
-                      dead_letters=0)
+    r = bench.measure(10_000, [{}] * 4, closed, written, dead_letters=0, launched_ms=0, monitor=FakeMonitor(),
+                      wall_s=20.0)
     assert r["processing_s"] == 10.0 and r["events_per_s"] == 1000.0 and r["lists_per_s"] == 0.4
     assert r["startup_s"] == 1.0 and r["peak_rss_mib"] == 3072.0 and r["cpu_s"] == 12.5
     assert r["latency_ms"]["samples"] == 4 and r["latency_ms"]["p50"] == pytest.approx(300.0)
-    paced = bench.measure(10_000, [{}] * 4, closed, written, 0, FakeMonitor(), 20.0, 0, since_ms=2_500)
+    paced = bench.measure(10_000, [{}] * 4, closed, written, 0, 0, FakeMonitor(), 20.0, since_ms=2_500)
     assert paced["latency_ms"]["samples"] == 2 and paced["latency_ms"]["p99"] == pytest.approx(100 + 0.99 * 1900)
 
 
