@@ -151,6 +151,7 @@ class ModelConfig:
     seed: int = 7
     device: str = "auto"
     threads: int = 1               # TensorFlow op threads (0: TensorFlow's default, one per core)
+    xla: bool = True               # run the per-window loop as one XLA-compiled program (False: a plain TF graph)
 
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind must be one of {'|'.join(MODEL_KINDS)}, got {self.kind!r}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,6 +39,43 @@ from freshet.models.base import (Recommendation, Recommender, StepStats, WindowL
                                  pack_seen, unpack_seen)
 from freshet.models.id_table import NEVER, IdTable  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
+
+
+class _Steps(NamedTuple):
+    """One model call's work, flat: per step its end offsets into the pair, list and exclusion arrays."""
+    pu: np.ndarray          # [P] user row of each positive pair
+    pi: np.ndarray          # [P] item row
+    pn: np.ndarray          # [P, negatives] sampled negative item rows
+    pw: np.ndarray          # [P] pair weight
+    pair_end: np.ndarray    # [S] end of each step's pairs
+    rec_rows: np.ndarray    # [R] user row of each list to make (0 and rec_known 0: not known yet)
+    rec_known: np.ndarray   # [R]
+    rec_end: np.ndarray     # [S] end of each step's lists (only a window's last step lists)
+    excl_rec: np.ndarray    # [E] list index of each seen-item exclusion (non-decreasing)
+    excl_item: np.ndarray   # [E] item row excluded
+    excl_end: np.ndarray    # [S] end of each step's exclusions
+    visible: np.ndarray     # [S] items born at or before this (relative) step may be listed
+    sync: np.ndarray        # [S] 1: copy trained parameters to the serving ones after this step
+
+    def part(self, s0: int, s1: int) -> "_Steps":
+        """Steps [s0, s1), offsets rebased to the part."""
+        p0, r0, e0 = (int(a[s0 - 1]) if s0 else 0 for a in (self.pair_end, self.rec_end, self.excl_end))
+        p1, r1, e1 = (int(a[s1 - 1]) for a in (self.pair_end, self.rec_end, self.excl_end))
+        return _Steps(self.pu[p0:p1], self.pi[p0:p1], self.pn[p0:p1], self.pw[p0:p1], self.pair_end[s0:s1] - p0,
+                      self.rec_rows[r0:r1], self.rec_known[r0:r1], self.rec_end[s0:s1] - r0,
+                      self.excl_rec[e0:e1] - r0, self.excl_item[e0:e1], self.excl_end[s0:s1] - e0,
+                      self.visible[s0:s1], self.sync[s0:s1])
+
+
+# The XLA program has fixed shapes, so it is compiled once per table capacity (and k), not per call:
+# a call's steps go through it in parts of at most these many steps, pairs, lists and exclusions.
+# Inside, a step's pairs are one static block of the smallest size in PAIR_BLOCKS that holds them
+# (padding masked), lists go in blocks of LIST_BLOCKS, seen-item exclusions in blocks of EXCL_BLOCK.
+# A step bigger than the largest block goes through the plain graph loop instead (same result).
+XLA_STEPS, XLA_PAIRS, XLA_LISTS, XLA_EXCL = 512, 4096, 1024, 16384
+PAIR_BLOCKS = (8, 32, 128, 512, 2048)
+LIST_BLOCKS = (1, 4, 16)
+EXCL_BLOCK = 256
 
 
 def pick_device(preference: str) -> str:
@@ -178,9 +215,13 @@ class OnlineMF(Recommender):
         # Called through its concrete function: the polymorphic entry point re-binds and re-checks all 14
         # arguments on every call (~1 ms here), which dominated calls that close only a window or two.
         self._fused_call = self._fused.get_concrete_function()
+        self._xla_calls: dict[int, object] = {}   # k -> the compiled program for the current table shapes
 
-    def _sgd_step(self, u_idx, p_idx, n_idx, w):
+    def _sgd_step(self, u_idx, p_idx, n_idx, w, mask=None):
+        """One SGD step on a batch of pairs; ``mask`` (0/1 per pair) leaves padded pairs out."""
         lr, l2 = self.cfg.learning_rate, self.cfg.l2
+        if mask is not None:
+            w = w * mask
         u = tf.gather(self._U, u_idx)                 # [P, d]
         p = tf.gather(self._V, p_idx)                 # [P, d]
         n = tf.gather(self._V, n_idx)                 # [P, N, d]
@@ -195,9 +236,12 @@ class OnlineMF(Recommender):
         g = -tf.sigmoid(-margin) * (w / float(self.cfg.negatives))[:, None]    # d loss / d margin  [P, N]
         gbp = tf.reduce_sum(g, 1)                                 # d loss / d pos
         gbn = -g                                                  # d loss / d neg
-        gu = gbp[:, None] * p + tf.einsum("pn,pnd->pd", gbn, n) + 2 * l2 * u
-        gp = gbp[:, None] * u + 2 * l2 * p
-        gn = gbn[:, :, None] * u[:, None, :] + 2 * l2 * n
+        reg_u, reg_p, reg_n = 2 * l2 * u, 2 * l2 * p, 2 * l2 * n
+        if mask is not None:
+            reg_u, reg_p, reg_n = reg_u * mask[:, None], reg_p * mask[:, None], reg_n * mask[:, None, None]
+        gu = gbp[:, None] * p + tf.einsum("pn,pnd->pd", gbn, n) + reg_u
+        gp = gbp[:, None] * u + reg_p
+        gn = gbn[:, :, None] * u[:, None, :] + reg_n
         pair_loss = -tf.reduce_mean(tf.math.log_sigmoid(margin), axis=1)
         flat_n = tf.reshape(n_idx, [-1])
         self._U.scatter_sub(tf.IndexedSlices(lr * gu, u_idx))
@@ -322,22 +366,163 @@ class OnlineMF(Recommender):
         k_eff = min(k, int(self._V.shape[0]))
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
                else np.zeros(shape, dtype))
-        with tf.device(self.device):
-            values, indices = self._fused_call(*(tf.convert_to_tensor(a) for a in (
-                cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
-                cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
-                np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32),
-                np.stack([cat(excl_rec, np.int32, [0]), cat(excl_item, np.int32, [0])], axis=1),
-                np.asarray(excl_end, np.int32), born.astype(np.int32), np.asarray(visible, np.int32),
-                np.asarray(sync, np.int32), np.int32(k_eff))))
+        values, indices = self._run_steps(_Steps(
+            cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
+            cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
+            np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32), cat(excl_rec, np.int32, [0]),
+            cat(excl_item, np.int32, [0]), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32),
+            np.asarray(sync, np.int32)), born.astype(np.int32), k_eff)
         self.version = version
-        values, indices = values.numpy(), indices.numpy()
         out = []
         for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
             ok = np.isfinite(v_row)
             out.append(WindowList(user, window_end, Recommendation([self.items.ids[i] for i in i_row[ok]],
                                                                    [float(x) for x in v_row[ok]]), ver))
         return out
+
+    def _run_steps(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run a call's steps in order; return each list's top-K (values, item rows), -inf where empty."""
+        with tf.device(self.device):
+            if not self.cfg.xla:
+                return self._graph_part(st, item_born, k)
+            sizes = np.diff(st.pair_end, prepend=0)
+            parts, s0, n_steps = [], 0, len(st.pair_end)
+            while s0 < n_steps:
+                s1 = self._xla_span(st, sizes, s0)
+                if s1 > s0:
+                    parts.append(self._xla_part(st.part(s0, s1), item_born, k))
+                else:   # one step too big for the compiled program's blocks
+                    s1 = s0 + 1
+                    parts.append(self._graph_part(st.part(s0, s1), item_born, k))
+                s0 = s1
+        return (np.concatenate([v for v, _ in parts]) if parts else np.zeros((0, k), np.float32),
+                np.concatenate([i for _, i in parts]) if parts else np.zeros((0, k), np.int32))
+
+    @staticmethod
+    def _xla_span(st: _Steps, sizes: np.ndarray, s0: int) -> int:
+        """End of the longest run of steps from ``s0`` that fits the compiled program's fixed shapes."""
+        s1 = min(len(st.pair_end), s0 + XLA_STEPS)
+        for ends, cap in ((st.pair_end, XLA_PAIRS), (st.rec_end, XLA_LISTS), (st.excl_end, XLA_EXCL)):
+            base = int(ends[s0 - 1]) if s0 else 0
+            s1 = min(s1, int(np.searchsorted(ends, base + cap, side="right")))
+        too_big = np.flatnonzero(sizes[s0:s1] > PAIR_BLOCKS[-1])
+        return s0 + int(too_big[0]) if too_big.size else s1
+
+    def _graph_part(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        values, indices = self._fused_call(*(tf.convert_to_tensor(a) for a in (
+            st.pu, st.pi, st.pn, st.pw, st.pair_end, st.rec_rows, st.rec_known, st.rec_end,
+            np.stack([st.excl_rec, st.excl_item], axis=1), st.excl_end, item_born, st.visible, st.sync, np.int32(k))))
+        return values.numpy(), indices.numpy()
+
+    def _xla_part(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps that fit the fixed shapes: padded with zeros (padding is masked out inside)."""
+        def pad(a, n):
+            out = np.zeros((n,) + a.shape[1:], a.dtype)
+            out[: len(a)] = a
+            return out
+        pairs, lists, excl = XLA_PAIRS + PAIR_BLOCKS[-1], XLA_LISTS + LIST_BLOCKS[-1], XLA_EXCL + EXCL_BLOCK
+        n_lists = len(st.rec_rows)
+        list_excl_end = np.cumsum(np.bincount(st.excl_rec, minlength=n_lists)[:n_lists]).astype(np.int32)
+        values, indices = self._xla_program(k)(*(tf.convert_to_tensor(a) for a in (
+            pad(st.pu, pairs), pad(st.pi, pairs), pad(st.pn, pairs), pad(st.pw, pairs),
+            pad(st.pair_end, XLA_STEPS), pad(st.rec_end, XLA_STEPS), pad(st.visible, XLA_STEPS),
+            pad(st.sync, XLA_STEPS), np.int32(len(st.pair_end)), pad(st.rec_rows, lists), pad(st.rec_known, lists),
+            pad(list_excl_end, lists), pad(st.excl_rec, excl), pad(st.excl_item, excl), item_born)))
+        return values.numpy()[:n_lists], indices.numpy()[:n_lists]
+
+    def _xla_program(self, k: int):
+        """The per-step loop of :meth:`_fused_loop` with static shapes, compiled by XLA: a step becomes a few
+        fused kernels instead of dozens of separately dispatched ops."""
+        if k in self._xla_calls:
+            return self._xla_calls[k]
+        negatives, cap_v, inf = self.cfg.negatives, int(self._V.shape[0]), float("-inf")
+        list_block = LIST_BLOCKS[-1]
+
+        def start(ends, j):            # where element j's range begins: ends[j - 1], or 0
+            return tf.where(j > 0, tf.gather(ends, tf.maximum(j - 1, 0)), 0)
+
+        # Indexing is written as gathers throughout: XLA takes the position of a slice or index as a
+        # compile-time constant, which would compile the program again for every new input.
+        def take(x, at, size):         # x[at:at + size]
+            return tf.gather(x, at + tf.range(size))
+
+        def bucket(n, blocks):         # index of the smallest block that holds n (the last one if none does)
+            return tf.reduce_sum(tf.cast(n > tf.constant(blocks[:-1]), tf.int32))
+
+        def once(flag, fn, *state):
+            """``fn(*state)`` if flag, else ``state``: a loop of at most one trip. XLA updates the tables and
+            outputs of a loop in place, where a conditional (tf.cond / switch_case) copies them."""
+            _, *state = tf.while_loop(lambda go, *_: go, lambda go, *st: (False, *fn(*st)), [flag, *state])
+            return state
+
+        def program(pu, pi, pn, pw, pair_end, rec_end, visible, sync, n_steps, rec_rows, rec_known, list_excl_end,
+                    excl_rec, excl_item, item_born):
+            def learn(size, a, n):
+                def run():
+                    self._sgd_step(take(pu, a, size), take(pi, a, size), take(pn, a, size), take(pw, a, size),
+                                   tf.cast(tf.range(size) < n, tf.float32))
+                    return ()
+                return run
+
+            def listing(size, s, r, n, served):
+                def run(out_v, out_i):
+                    user_vecs = tf.gather(served[0], take(rec_rows, r, size)) * take(rec_known, r, size)[:, None]
+                    scores = tf.matmul(user_vecs, served[1], transpose_b=True) + served[2]
+                    scores = tf.where(item_born[None, :] <= tf.gather(visible, s), scores, inf)
+                    scores = tf.concat([scores, tf.zeros([size, 1])], 1)    # a spare column takes padded exclusions
+                    e1 = tf.gather(list_excl_end, r + tf.minimum(n, size) - 1)
+
+                    def exclude(e, sc):
+                        ok = e + tf.range(EXCL_BLOCK) < e1
+                        at = tf.stack([tf.where(ok, take(excl_rec, e, EXCL_BLOCK) - r, 0),
+                                       tf.where(ok, take(excl_item, e, EXCL_BLOCK), cap_v)], 1)
+                        return e + EXCL_BLOCK, tf.tensor_scatter_nd_update(sc, at, tf.fill([EXCL_BLOCK], inf))
+                    _, scores = tf.while_loop(lambda e, sc: e < e1, exclude, [start(list_excl_end, r), scores])
+                    top = tf.math.top_k(scores[:, :cap_v], k=k)
+                    at = (r + tf.range(size))[:, None]   # rows past the valid ones are rewritten by later blocks
+                    return (tf.tensor_scatter_nd_update(out_v, at, top.values),
+                            tf.tensor_scatter_nd_update(out_i, at, top.indices))
+                return run
+
+            def step(s, out_v, out_i):
+                a = start(pair_end, s)
+                n = tf.gather(pair_end, s) - a
+                chosen = tf.where(n > 0, bucket(n, PAIR_BLOCKS), -1)
+                for j, size in enumerate(PAIR_BLOCKS):
+                    once(chosen == j, learn(size, a, n))
+                served = (self._U, self._V, self._b)
+                if self._serving is not None:
+                    def copy():
+                        for target, source in zip(self._serving, served):
+                            target.assign(source)
+                        return tf.constant(0)
+                    tf.cond(tf.gather(sync, s) > 0, copy, lambda: tf.constant(0))
+                    served = tuple(self._serving)
+                r1 = tf.gather(rec_end, s)
+
+                def lists(r, ov, oi):
+                    n = r1 - r
+                    chosen = bucket(n, LIST_BLOCKS)
+                    for j, size in enumerate(LIST_BLOCKS):
+                        ov, oi = once(chosen == j, listing(size, s, r, n, served), ov, oi)
+                    return r + tf.minimum(n, list_block), ov, oi
+                _, out_v, out_i = tf.while_loop(lambda r, ov, oi: r < r1, lists, [start(rec_end, s), out_v, out_i])
+                return s + 1, out_v, out_i
+
+            rows = XLA_LISTS + list_block
+            _, out_v, out_i = tf.while_loop(lambda s, ov, oi: s < n_steps, step,
+                                            [tf.constant(0), tf.fill([rows, k], inf), tf.zeros([rows, k], tf.int32)],
+                                            parallel_iterations=1)
+            return out_v, out_i
+
+        i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
+        f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
+        pairs, lists, excl = XLA_PAIRS + PAIR_BLOCKS[-1], XLA_LISTS + list_block, XLA_EXCL + EXCL_BLOCK
+        compiled = tf.function(program, jit_compile=True, input_signature=[
+            i32(pairs), i32(pairs), i32(pairs, negatives), f32(pairs), i32(XLA_STEPS), i32(XLA_STEPS), i32(XLA_STEPS),
+            i32(XLA_STEPS), i32(), i32(lists), f32(lists), i32(lists), i32(excl), i32(excl), i32(cap_v)])
+        self._xla_calls[k] = compiled.get_concrete_function()
+        return self._xla_calls[k]
 
     def _fused_loop(self, pu, pi, pn, pw, pair_end, rec_rows, rec_known, rec_end, excl, excl_end, item_born, visible,
                     sync, k):
