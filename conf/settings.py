@@ -143,7 +143,7 @@ class ModelConfig:
     batch_size: int = 512
     k: int = 10
     exclude_seen: bool = True
-    initial_capacity: int = 1024
+    initial_capacity: int = 4096
     max_users: int = 1_000_000     # rows per table at most (memory bound); the stalest rows are evicted beyond
     max_items: int = 1_000_000
     admit_after: int = 1           # an id gets its own row after this many events; until then a shared fallback row

@@ -73,7 +73,7 @@ class _Steps(NamedTuple):
 # (padding masked), lists go in blocks of LIST_BLOCKS, seen-item exclusions in blocks of EXCL_BLOCK.
 # A step bigger than the largest block goes through the plain graph loop instead (same result).
 XLA_STEPS, XLA_PAIRS, XLA_LISTS, XLA_EXCL = 512, 4096, 1024, 16384
-PAIR_BLOCKS = (8, 32, 128, 512, 2048)
+PAIR_BLOCKS = (8, 64, 512, 2048)
 LIST_BLOCKS = (1, 4, 16)
 EXCL_BLOCK = 256
 
