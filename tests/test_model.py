@@ -229,3 +229,22 @@ def test_state_round_trip_with_tables_pending_ids_and_serving_copy(mcfg, tmp_pat
     r = OnlineMF.restore(m.save(tmp_path / "m"), cfg)
     rest = random_windows(12)[20:]
     assert [w.rec for w in r.learn_windows(rest, 4, 5)] == [w.rec for w in m.learn_windows(rest, 4, 5)]
+
+
+def test_compiled_and_plain_graph_loops_agree_including_oversize_steps(mcfg):
+    """The XLA program (fixed shapes, padded blocks) and the plain graph loop give the reference's lists.
+    One step has more pairs than the largest compiled block (it goes through the graph loop mid-call), and
+    one window has more lists and seen-item exclusions than fit one compiled part."""
+    from freshet.models import online_mf
+    big = [inc(f"heavy{j}", [f"i{x}" for x in range(j, j + 700)]) for j in range(4)]    # 2,800 pairs in one step
+    many = [inc(f"u{j}", [f"i{j % 50}"], end=120_000) for j in range(online_mf.XLA_LISTS + 30)]
+    windows = random_windows(5)[:3] + [(60_000 * 4, big), (60_000 * 5, many)] + random_windows(6)[5:8]
+    windows = [(end, incs) for end, incs in sorted(windows, key=lambda w: w[0])]
+    cfg = ModelConfig(**{**mcfg.__dict__, "batch_size": 4096, "initial_capacity": 4096})
+    ref = Recommender.learn_windows(OnlineMF(cfg), windows, cfg.batch_size, 5)
+    plain = OnlineMF(ModelConfig(**{**cfg.__dict__, "xla": False})).learn_windows(windows, cfg.batch_size, 5)
+    compiled = OnlineMF(cfg).learn_windows(windows, cfg.batch_size, 5)
+    key = lambda lists: [(w.user_id, w.window_end, w.model_version, w.rec.items) for w in lists]  # noqa: E731
+    assert key(compiled) == key(plain) == key(ref)
+    np.testing.assert_allclose([s for w in compiled for s in w.rec.scores], [s for w in ref for s in w.rec.scores],
+                               rtol=1e-4, atol=1e-5)
