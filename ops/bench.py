@@ -389,7 +389,7 @@ def markdown(report: dict) -> str:
         lines += [""] + [f"- {n} / reference events/s: **{r['events_per_s'] / ref:.2f}×**"
                          for n, r in systems.items() if n != "reference" and ref]
     if report["paced"]:
-        lines += ["", "Paced (latency under steady load):", "", head[:-1] + " target rate | achieved |",
+        lines += ["", "Paced (latency under steady load):", "", head + " target rate | achieved |",
                   rule + "---|---|"]
         lines += [row(n, r, f" {r['rate']:,.0f} | {r['achieved_rate']:,.0f} |") for n, r in report["paced"].items()]
     if report["scaling"]:
