@@ -76,6 +76,10 @@ XLA_STEPS, XLA_PAIRS, XLA_LISTS, XLA_EXCL = 512, 4096, 1024, 16384
 PAIR_BLOCKS = (8, 64, 512, 2048)
 LIST_BLOCKS = (1, 4, 16)
 EXCL_BLOCK = 256
+# Padded input lengths: room for a whole block past the last real entry.
+XLA_PAIRS_PAD = XLA_PAIRS + PAIR_BLOCKS[-1]
+XLA_LISTS_PAD = XLA_LISTS + LIST_BLOCKS[-1]
+XLA_EXCL_PAD = XLA_EXCL + EXCL_BLOCK
 
 
 def pick_device(preference: str) -> str:
@@ -420,7 +424,7 @@ class OnlineMF(Recommender):
             out = np.zeros((n,) + a.shape[1:], a.dtype)
             out[: len(a)] = a
             return out
-        pairs, lists, excl = XLA_PAIRS + PAIR_BLOCKS[-1], XLA_LISTS + LIST_BLOCKS[-1], XLA_EXCL + EXCL_BLOCK
+        pairs, lists, excl = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
         n_lists = len(st.rec_rows)
         list_excl_end = np.cumsum(np.bincount(st.excl_rec, minlength=n_lists)[:n_lists]).astype(np.int32)
         values, indices = self._xla_program(k)(*(tf.convert_to_tensor(a) for a in (
@@ -495,8 +499,8 @@ class OnlineMF(Recommender):
                     def copy():
                         for target, source in zip(self._serving, served):
                             target.assign(source)
-                        return tf.constant(0)
-                    tf.cond(tf.gather(sync, s) > 0, copy, lambda: tf.constant(0))
+                        return ()
+                    once(tf.gather(sync, s) > 0, copy)
                     served = tuple(self._serving)
                 r1 = tf.gather(rec_end, s)
 
@@ -509,15 +513,14 @@ class OnlineMF(Recommender):
                 _, out_v, out_i = tf.while_loop(lambda r, ov, oi: r < r1, lists, [start(rec_end, s), out_v, out_i])
                 return s + 1, out_v, out_i
 
-            rows = XLA_LISTS + list_block
             _, out_v, out_i = tf.while_loop(lambda s, ov, oi: s < n_steps, step,
-                                            [tf.constant(0), tf.fill([rows, k], inf), tf.zeros([rows, k], tf.int32)],
+                                            [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], inf), tf.zeros([XLA_LISTS_PAD, k], tf.int32)],
                                             parallel_iterations=1)
             return out_v, out_i
 
         i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
-        pairs, lists, excl = XLA_PAIRS + PAIR_BLOCKS[-1], XLA_LISTS + list_block, XLA_EXCL + EXCL_BLOCK
+        pairs, lists, excl = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
         compiled = tf.function(program, jit_compile=True, input_signature=[
             i32(pairs), i32(pairs), i32(pairs, negatives), f32(pairs), i32(XLA_STEPS), i32(XLA_STEPS), i32(XLA_STEPS),
             i32(XLA_STEPS), i32(), i32(lists), f32(lists), i32(lists), i32(excl), i32(excl), i32(cap_v)])
