@@ -73,13 +73,18 @@ def score(cfg, df) -> dict:
 
 
 def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 300) -> None:
-    """Until ``checkpoints`` checkpoints completed and lists are being written (mid-replay)."""
+    """Until lists are being written (mid-replay) and a checkpoint completed after the first ones were, so
+    the latest checkpoint holds model calls (the first call compiles the model's XLA program, and checkpoints
+    taken before it completes hold no calls to replay); at least ``checkpoints`` checkpoints in all."""
     deadline = time.monotonic() + timeout
+    needed = None
     while time.monotonic() < deadline:
         if cluster.job_state(job) == "FINISHED":
             pytest.fail("the job finished before the fault could be injected")
         done = cluster.checkpoints(job).get("counts", {}).get("completed", 0)
-        if done >= checkpoints and sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values()) > 2000:
+        if needed is None and sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values()) > 2000:
+            needed = max(checkpoints, done + 1)
+        if needed is not None and done >= needed:
             return
         time.sleep(0.5)
     pytest.fail("no progress before the fault")
