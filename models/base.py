@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
@@ -28,6 +30,26 @@ class WindowList(NamedTuple):
     window_end: int
     rec: Recommendation
     model_version: int
+
+    def to_json(self, emitted_at: int) -> str:
+        """The recommendation record of CONTRACTS §2, as ``json.dumps(..., ensure_ascii=False)`` writes it,
+        built without a dict per list (the job writes one per active user and window).
+
+        >>> WindowList("u1", 60000, Recommendation(["é", "b"], [0.5, 0.25]), 3).to_json(61234)
+        '{"user_id": "u1", "items": ["é", "b"], "scores": [0.5, 0.25], "window_end": 60000, "model_version": 3, "emitted_at": 61234}'
+        """
+        rec = self.rec
+        return (f'{{"user_id": {_json_str(self.user_id)}, "items": [{", ".join(map(_json_str, rec.items))}], '
+                f'"scores": [{", ".join([_json_float(float(s)) for s in rec.scores])}], '
+                f'"window_end": {int(self.window_end)}, "model_version": {int(self.model_version)}, '
+                f'"emitted_at": {int(emitted_at)}}}')
+
+
+_json_str = json.encoder.encode_basestring      # what json.dumps(ensure_ascii=False) does to a str (C code)
+
+
+def _json_float(x: float) -> str:
+    return float.__repr__(x) if math.isfinite(x) else json.dumps(x)
 
 
 def micro_batches(increments: Sequence[Increment], batch_size: int) -> list[Sequence[Increment]]:

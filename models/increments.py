@@ -89,6 +89,10 @@ class WindowBuffer:
         ends = sorted(e for e in self._windows if e - 1 <= watermark)
         return [(e, self._windows.pop(e)) for e in ends]
 
+    def next_end(self) -> int | None:
+        """The earliest ``window_end`` still waiting (``None`` when empty)."""
+        return min(self._windows) if self._windows else None
+
     def pending(self) -> list[Increment]:
         """Every increment still waiting, in window order."""
         return [inc for end in sorted(self._windows) for inc in self._windows[end]]

@@ -108,6 +108,49 @@ def set_threads(threads: int) -> None:
         pass
 
 
+class SeenArrays:
+    """Each user's seen item rows as a growing int32 array, beside the seen sets, for the lists' exclusions.
+
+    Lists exclude everything a user has seen: thousands of rows for a heavy user, in every list. Rows
+    are appended as the set gains them (amortised O(1)); a user whose set changed any other way
+    (evictions, a restore, frozen observation) is dropped and rebuilt from the set when next listed.
+
+    >>> arrays, seen = SeenArrays(), {3, 5}
+    >>> arrays.view("u", seen).tolist()
+    [3, 5]
+    >>> seen.add(9); arrays.extend("u", [9]); arrays.view("u", seen).tolist()
+    [3, 5, 9]
+    """
+
+    def __init__(self):
+        self._rows: dict[str, list] = {}     # user -> [array, used length]
+
+    def view(self, user: str, seen: set[int]) -> np.ndarray:
+        """The user's seen rows (a view: later appends do not change it)."""
+        entry = self._rows.get(user)
+        if entry is None:
+            entry = self._rows[user] = [np.fromiter(seen, np.int32, len(seen)), len(seen)]
+        return entry[0][: entry[1]]
+
+    def extend(self, user: str, rows: list[int]) -> None:
+        """``rows`` were just added to the user's set (and were not in it before)."""
+        entry = self._rows.get(user)
+        if entry is None:
+            return          # built from the set when first needed
+        arr, n = entry
+        if n + len(rows) > len(arr):
+            arr = entry[0] = np.concatenate([arr[:n], np.empty(max(n, len(rows), 8), np.int32)])
+        arr[n: n + len(rows)] = rows
+        entry[1] = n + len(rows)
+
+    def drop(self, user: str | None = None) -> None:
+        """Forget one user's array (``None``: everyone's)."""
+        if user is None:
+            self._rows.clear()
+        else:
+            self._rows.pop(user, None)
+
+
 class OnlineMF(Recommender):
     """BPR matrix factorisation with item bias, sparse SGD, growing tables."""
 
@@ -118,6 +161,7 @@ class OnlineMF(Recommender):
         self.users = IdTable(cfg.max_users, cfg.admit_after)
         self.items = IdTable(cfg.max_items, cfg.admit_after)
         self.seen: dict[str, set[int]] = {}   # user id -> item rows it interacted with (the seen-item filter)
+        self._seen_arrays = SeenArrays()      # the same, as arrays, for the lists' exclusions
         self.version = 0
         self.steps = 0                        # micro-batches gone through (learned or observed)
         self._next_expiry = -1
@@ -191,10 +235,12 @@ class OnlineMF(Recommender):
         """Drop what was kept about ids that lost their rows (seen sets; evicted items from every set)."""
         for user, _ in self.users.drain_evicted():
             self.seen.pop(user, None)
+            self._seen_arrays.drop(user)
         gone = {row for _, row in self.items.drain_evicted() if row}
         if gone:
             for seen in self.seen.values():
                 seen.difference_update(gone)
+            self._seen_arrays.drop()
 
     def _reinit_reused(self) -> None:
         """Rows handed to a new id after an eviction start afresh (random vector, zero bias)."""
@@ -264,14 +310,18 @@ class OnlineMF(Recommender):
         for inc in batch:
             u = users.lookup(inc.user_id, inc.window_end, step, inc.events, protect_from)
             seen = self.seen.setdefault(inc.user_id, set()) if u or inc.user_id in users.pending else None
+            new = []
             for item, weight, count in zip(inc.items, inc.weights, inc.counts):
                 i = items.lookup(item, inc.window_end, step, count, protect_from)
-                if i and seen is not None:
+                if i and seen is not None and i not in seen:
                     seen.add(i)
+                    new.append(i)
                 if weight > 0:
                     us.append(u)
                     its.append(i)
                     ws.append(np.log1p(weight))
+            if new:
+                self._seen_arrays.extend(inc.user_id, new)
         self._forget_evicted()
         return (np.asarray(us, np.int32), np.asarray(its, np.int32), np.asarray(ws, np.float32))
 
@@ -288,6 +338,7 @@ class OnlineMF(Recommender):
             seen = self.seen.get(inc.user_id)
             if seen is not None:
                 seen.update(i for i in (self.items.get(item) for item in inc.items) if i is not None)
+                self._seen_arrays.drop(inc.user_id)
         self.steps += 1
 
     def learn_many(self, batch: Sequence[Increment]) -> StepStats:
@@ -353,7 +404,7 @@ class OnlineMF(Recommender):
                         seen = self.seen.get(user) if exclude_seen else None
                         if seen:   # as arrays: heavy users have seen thousands of items
                             excl_rec.append(np.full(len(seen), n_recs, np.int32))
-                            excl_item.append(np.fromiter(seen, np.int32, len(seen)))
+                            excl_item.append(self._seen_arrays.view(user, seen))
                             n_excl += len(seen)
                         rec_rows.append(row or 0)
                         known = row is not None and self.users.born[row] <= served_step
@@ -377,11 +428,11 @@ class OnlineMF(Recommender):
             cat(excl_item, np.int32, [0]), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32),
             np.asarray(sync, np.int32)), born.astype(np.int32), k_eff)
         self.version = version
-        out = []
+        out, ids = [], self.items.ids
         for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
             ok = np.isfinite(v_row)
-            out.append(WindowList(user, window_end, Recommendation([self.items.ids[i] for i in i_row[ok]],
-                                                                   [float(x) for x in v_row[ok]]), ver))
+            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row[ok].tolist()],
+                                                                   v_row[ok].astype(np.float64).tolist()), ver))
         return out
 
     def _run_steps(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

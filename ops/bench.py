@@ -162,6 +162,21 @@ def read_output(cfg: Config) -> tuple[list[dict], np.ndarray, np.ndarray, int]:
     return values, np.asarray(closed, np.int64), np.asarray(written, np.int64), dead
 
 
+def latency_over_time(closed: np.ndarray, latency: np.ndarray, slice_s: float = 10.0) -> list[dict]:
+    """Latency per ``slice_s`` of window-close time (from the first close): where a run was slow, e.g.
+    JIT warm-up, a model recompile after a table growth, or a backlog that builds up and drains.
+
+    >>> latency_over_time(np.array([0, 1000, 12000]), np.array([50, 70, 900]))
+    [{'from_s': 0, 'lists': 2, 'p50_ms': 60.0, 'p99_ms': 69.8}, {'from_s': 10, 'lists': 1, 'p50_ms': 900.0, 'p99_ms': 900.0}]
+    """
+    if not len(closed):
+        return []
+    slot = ((closed - closed.min()) // int(slice_s * 1000)).astype(np.int64)
+    return [{"from_s": int(s * slice_s), "lists": int((slot == s).sum()),
+             "p50_ms": round(float(np.percentile(latency[slot == s], 50)), 1),
+             "p99_ms": round(float(np.percentile(latency[slot == s], 99)), 1)} for s in np.unique(slot)]
+
+
 def measure(events: int, lists: list[dict], closed: np.ndarray, written: np.ndarray, dead_letters: int,
             launched_ms: int, monitor: ProcessTreeMonitor, wall_s: float, since_ms: int | None = None) -> dict:
     """The figures of one run; latency only over windows closed at or after ``since_ms`` (paced mode)."""
@@ -169,6 +184,7 @@ def measure(events: int, lists: list[dict], closed: np.ndarray, written: np.ndar
     latency = (written - closed)[keep]
     span_s = (written.max() - closed.min()) / 1000 if len(lists) else float("nan")
     return {"events": events, "lists": len(lists), "dead_letters": dead_letters,
+            "latency_over_time": latency_over_time(closed[keep], latency),
             "startup_s": round((closed.min() - launched_ms) / 1000, 1) if len(lists) else None,
             "processing_s": round(span_s, 2), "events_per_s": round(events / span_s, 1) if len(lists) else 0.0,
             "lists_per_s": round(len(lists) / span_s, 1) if len(lists) else 0.0,

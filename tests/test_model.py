@@ -183,6 +183,26 @@ def test_fused_equals_reference_with_admission_and_expiry(mcfg):
     np.testing.assert_allclose(fused._V.numpy(), ref._V.numpy(), atol=1e-6)
 
 
+def test_seen_arrays_match_the_seen_sets_through_capacity_evictions(mcfg):
+    # few users who come back again and again (their seen rows are kept as growing arrays for the
+    # exclusions) while the item table is full and evicts: the arrays must follow the sets exactly
+    cfg = ModelConfig(**{**mcfg.__dict__, "max_items": 24})
+    windows = random_windows(5, n_windows=60, n_users=4, n_items=80)
+    kept, rebuilt = OnlineMF(cfg), OnlineMF(cfg)
+    got, expected, longest = [], [], 0
+    for j in range(0, 60, 9):
+        got += kept.learn_windows(windows[j:j + 9], cfg.batch_size, 5)
+        rebuilt._seen_arrays.drop()               # every call builds the arrays afresh from the sets
+        expected += rebuilt.learn_windows(windows[j:j + 9], cfg.batch_size, 5)
+        for user, seen in kept.seen.items():
+            assert sorted(kept._seen_arrays.view(user, seen).tolist()) == sorted(seen)
+            longest = max(longest, len(seen))
+    assert [(w.user_id, w.window_end, w.rec.items) for w in got] == \
+           [(w.user_id, w.window_end, w.rec.items) for w in expected]
+    assert kept.items.evictions > 0
+    assert longest >= 8                          # the exclusions were long enough to matter
+
+
 def test_admission_an_id_gets_its_own_row_after_n_events(mcfg):
     m = OnlineMF(ModelConfig(**{**mcfg.__dict__, "admit_after": 3}))
     m.learn_many([inc("u1", ["a", "b"])])            # u1: 2 events, a and b: 1 each

@@ -62,8 +62,8 @@ def build_model(cfg: Config):
 class RecommendOnline(KeyedProcessFunction):
     """Keyed by model shard. Increments of many users share each micro-batch.
 
-    Increments wait in a buffer until the watermark passes their window's end (an event-time timer at
-    ``window_end - 1``). Then all windows closed so far are handed to the model in one call, which, per
+    Increments wait in a buffer until the watermark passes their window's end (one event-time timer, at
+    the earliest waiting window's ``window_end - 1``). Then all windows closed so far are handed to the model in one call, which, per
     window in order, takes one optimizer step per micro-batch of ``model.batch_size`` increments and
     lists the window's users, so each list reflects exactly the events before its ``window_end``.
     """
@@ -76,6 +76,7 @@ class RecommendOnline(KeyedProcessFunction):
         self.buffer = WindowBuffer()
         self.window_rows: dict[int, tuple[int, str]] = {}   # pending window_end -> (closed_at, quads), for the log
         self.closed_at: dict[int, int] = {}                 # window_end -> when the JVM closed it (last call)
+        self.armed: int | None = None   # the earliest event-time timer this instance registered that has not fired
         # A list of at most one snapshot, base64 text: PyFlink's embedded (thread) mode can neither read an
         # unset ValueState nor hand Python bytes to a byte[] state.
         self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.STRING()))
@@ -142,10 +143,20 @@ class RecommendOnline(KeyedProcessFunction):
         self._ensure_model()
         self._add_window(window_end, closed_at, body)
         self.log.add(Row(window_end, closed_at, body))
-        ctx.timer_service().register_event_time_timer(window_end - 1)
+        self._arm(ctx)
+
+    def _arm(self, ctx) -> None:
+        """Keep one timer at the earliest waiting window's last millisecond (a timer per window costs a
+        state write each; when it fires, every window the watermark has passed is closed anyway)."""
+        end = self.buffer.next_end()
+        if end is not None and (self.armed is None or end - 1 < self.armed):
+            ctx.timer_service().register_event_time_timer(end - 1)
+            self.armed = end - 1
 
     def on_timer(self, timestamp, ctx):
         self._ensure_model()
+        if self.armed is not None and self.armed <= timestamp:
+            self.armed = None   # fired (timers fire in timestamp order)
         watermark = ctx.timer_service().current_watermark()
         closed = self._close(max(timestamp, watermark))
         if closed:  # else another timer for the same windows already flushed them
@@ -157,12 +168,11 @@ class RecommendOnline(KeyedProcessFunction):
             self.flushes.inc()
             emitted_at = int(time.time() * 1000)
             for wl in lists:
-                payload = {"user_id": wl.user_id, "items": wl.rec.items, "scores": wl.rec.scores,
-                           "window_end": wl.window_end, "model_version": wl.model_version, "emitted_at": emitted_at}
-                yield Row("rec", wl.user_id, json.dumps(payload, ensure_ascii=False), self.closed_at.get(wl.window_end))
+                yield Row("rec", wl.user_id, wl.to_json(emitted_at), self.closed_at.get(wl.window_end))
             self.emitted.inc(len(lists))
             self._score_live(closed, lists)
             self._snapshot_if_due()
+        self._arm(ctx)
         if self._metrics_due(watermark):
             shard = ctx.get_current_key()
             yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}), None)
