@@ -40,7 +40,7 @@ class WindowList(NamedTuple):
         """
         rec = self.rec
         return (f'{{"user_id": {_json_str(self.user_id)}, "items": [{", ".join(map(_json_str, rec.items))}], '
-                f'"scores": [{", ".join([_json_float(float(s)) for s in rec.scores])}], '
+                f'"scores": {_json_floats(rec.scores)}, '
                 f'"window_end": {int(self.window_end)}, "model_version": {int(self.model_version)}, '
                 f'"emitted_at": {int(emitted_at)}}}')
 
@@ -48,8 +48,10 @@ class WindowList(NamedTuple):
 _json_str = json.encoder.encode_basestring      # what json.dumps(ensure_ascii=False) does to a str (C code)
 
 
-def _json_float(x: float) -> str:
-    return float.__repr__(x) if math.isfinite(x) else json.dumps(x)
+def _json_floats(values: Sequence[float]) -> str:
+    """A JSON array of numbers: a list's repr (C code, the same digits as json.dumps) when all are finite."""
+    values = [float(x) for x in values]
+    return repr(values) if all(map(math.isfinite, values)) else json.dumps(values)
 
 
 def micro_batches(increments: Sequence[Increment], batch_size: int) -> list[Sequence[Increment]]:

@@ -1,4 +1,5 @@
 """The online model: fast unit tests on small random data, no JVM."""
+import json
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from freshet.conf.settings import ModelConfig
-from freshet.models.base import Recommender
+from freshet.models.base import Recommendation, Recommender, WindowList
 from freshet.models.increments import Increment
 from freshet.models.online_mf import OnlineMF
 
@@ -268,3 +269,15 @@ def test_compiled_and_plain_graph_loops_agree_including_oversize_steps(mcfg):
     assert key(compiled) == key(plain) == key(ref)
     np.testing.assert_allclose([s for w in compiled for s in w.rec.scores], [s for w in ref for s in w.rec.scores],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("user, items, scores", [
+    ('u"1\\', ["i\n\t\x00", "ü\u2028", "plain"], [np.float32(0.1), 1e-20, 3.0]),
+    ("u", [], []),
+    ("u", ["a", "b"], [float("inf"), float("-inf")]),
+])
+def test_recommendation_json_is_what_json_dumps_writes(user, items, scores):
+    wl = WindowList(user, 60_000, Recommendation(items, scores), 7)
+    expected = json.dumps({"user_id": user, "items": items, "scores": [float(s) for s in scores],
+                           "window_end": 60_000, "model_version": 7, "emitted_at": 61_000}, ensure_ascii=False)
+    assert wl.to_json(61_000) == expected

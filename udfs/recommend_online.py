@@ -143,12 +143,15 @@ class RecommendOnline(KeyedProcessFunction):
         self._ensure_model()
         self._add_window(window_end, closed_at, body)
         self.log.add(Row(window_end, closed_at, body))
-        self._arm(ctx)
+        self._arm(ctx, window_end)
 
-    def _arm(self, ctx) -> None:
+    def _arm(self, ctx, window_end: int | None = None) -> None:
         """Keep one timer at the earliest waiting window's last millisecond (a timer per window costs a
-        state write each; when it fires, every window the watermark has passed is closed anyway)."""
-        end = self.buffer.next_end()
+        state write each; when it fires, every window the watermark has passed is closed anyway).
+
+        ``window_end``: the window just added, when a timer is armed already (only it can be earlier).
+        """
+        end = self.buffer.next_end() if window_end is None or self.armed is None else window_end
         if end is not None and (self.armed is None or end - 1 < self.armed):
             ctx.timer_service().register_event_time_timer(end - 1)
             self.armed = end - 1
