@@ -176,7 +176,7 @@ class FlinkConfig:
     parallelism: int = 1
     execution_mode: str = "thread"
     checkpoint_interval_ms: int = 10000
-    state_backend: str = "rocksdb"
+    state_backend: str = "hashmap"            # hashmap (heap; fastest for this job's small state) | rocksdb (disk)
     delivery_guarantee: str = "exactly-once"
     transactional_id_prefix: str = "freshet"
     model_snapshot_interval_ms: int = 30000   # processing time between model snapshots in Flink state
