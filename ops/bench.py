@@ -309,7 +309,7 @@ def bench(cfg: Config, dataset: str, systems: list[str], out_dir: Path, events: 
     report = {"dataset": dataset, "events": len(df), "users": int(df["user_id"].nunique()),
               "items": int(df["item_id"].nunique()), "machine": machine(), "config": {
                   "window_ms": cfg.window.size_ms, "parallelism": cfg.flink.parallelism,
-                  "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms,
+                  "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms, "state_backend": cfg.flink.state_backend,
                   "delivery_guarantee": cfg.flink.delivery_guarantee, "partitions": cfg.kafka.partitions,
                   "python_execution_mode": cfg.flink.execution_mode, "model": {
                       k: getattr(cfg.model, k) for k in ("dim", "negatives", "batch_size", "k")}},
@@ -395,9 +395,11 @@ def markdown(report: dict) -> str:
     head = ("| system | events/s | lists/s | processing s | start-up s | CPU s | peak RSS MiB | "
             "latency p50 ms | p95 | p99 | lists |")
     rule = "|" + "---|" * 11
-    m = report["machine"]
+    m, c = report["machine"], report["config"]
     lines = [f"Dataset **{report['dataset']}**: {report['events']:,} events, {report['users']:,} users, "
-             f"{report['items']:,} items. Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB.", "",
+             f"{report['items']:,} items. Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB.",
+             f"Job: parallelism {c['parallelism']}, state backend {c.get('state_backend', '?')}, checkpoints every "
+             f"{c['checkpoint_interval_ms']} ms, {c['delivery_guarantee']}, Python {c['python_execution_mode']} mode.", "",
              head, rule] + [row(n, r) for n, r in report["systems"].items()]
     systems = report["systems"]
     if "reference" in systems:
@@ -408,6 +410,9 @@ def markdown(report: dict) -> str:
         lines += ["", "Paced (latency under steady load):", "", head + " target rate | achieved |",
                   rule + "---|---|"]
         lines += [row(n, r, f" {r['rate']:,.0f} | {r['achieved_rate']:,.0f} |") for n, r in report["paced"].items()]
+        lines += ["", "Paced latency p99 (ms) per 10 s of window-close time, from the start of the paced part:", ""]
+        lines += [f"- {n}: " + ", ".join(f"{s['p99_ms']:,.0f}" for s in r.get("latency_over_time", []))
+                  for n, r in report["paced"].items()]
     if report["scaling"]:
         lines += ["", "Scaling with users (full job, same events):", "",
                   "| users | events/s | CPU s | CPU ms per 1k events | peak RSS MiB |", "|---|---|---|---|---|"]
