@@ -183,6 +183,7 @@ class FlinkConfig:
     metrics_interval_ms: int = 10000          # processing time between live-metrics records
     restart_attempts: int = 10
     restart_delay_ms: int = 3000
+    local_heap_mb: int = 1024                 # JVM heap of the local runtime (`freshet run`); 0: the JVM's default
     python_bundle_time_ms: int = 100          # a Python operator flushes its output at least this often
     python_bundle_size: int = 1000            # ... or after this many input records
 
@@ -192,6 +193,8 @@ class FlinkConfig:
                  "flink.python_bundle_time_ms and flink.python_bundle_size must be >= 1")
         _require(self.model_snapshot_interval_ms >= 0, "flink.model_snapshot_interval_ms must be >= 0 (0: every call)")
         _require(self.metrics_interval_ms >= 0, "flink.metrics_interval_ms must be >= 0")
+        _require(self.local_heap_mb == 0 or self.local_heap_mb >= 256,
+                 "flink.local_heap_mb must be 0 (the JVM's default) or at least 256")
         _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,
                  "flink.restart_attempts and flink.restart_delay_ms must be >= 0")
         _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")

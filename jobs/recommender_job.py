@@ -129,8 +129,12 @@ def build_reference_pipeline(env: StreamExecutionEnvironment, cfg: Config, bound
 
 
 def prepare_local_runtime(cfg: Config) -> None:
-    """The local runtime's JVM (started by this process) gets the Python worker environment; logs go to <home>/logs."""
+    """The local runtime's JVM (started by this process) gets the Python worker environment and a bounded
+    heap (``flink.local_heap_mb``, unless ``JVM_ARGS`` sets ``-Xmx``); logs go to <home>/logs."""
     os.environ.update(worker_environment())
+    jvm_args = os.environ.get("JVM_ARGS", "")
+    if cfg.flink.local_heap_mb and "-Xmx" not in jvm_args:   # state sits on the heap (hashmap backend)
+        os.environ["JVM_ARGS"] = f"{jvm_args} -Xmx{cfg.flink.local_heap_mb}m".strip()
     log_dir = cfg.local.home_path() / "logs" / "flink-local"
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))

@@ -114,22 +114,28 @@ class SeenArrays:
     Lists exclude everything a user has seen: thousands of rows for a heavy user, in every list. Rows
     are appended as the set gains them (amortised O(1)); a user whose set changed any other way
     (evictions, a restore, frozen observation) is dropped and rebuilt from the set when next listed.
+    Only users with at least ``min_rows`` seen rows get an array (a short set is as quickly copied, and
+    millions of light users would otherwise each hold one).
 
-    >>> arrays, seen = SeenArrays(), {3, 5}
+    >>> arrays, seen = SeenArrays(min_rows=2), {3, 5}
     >>> arrays.view("u", seen).tolist()
     [3, 5]
     >>> seen.add(9); arrays.extend("u", [9]); arrays.view("u", seen).tolist()
     [3, 5, 9]
     """
 
-    def __init__(self):
+    def __init__(self, min_rows: int = 64):
+        self.min_rows = min_rows
         self._rows: dict[str, list] = {}     # user -> [array, used length]
 
     def view(self, user: str, seen: set[int]) -> np.ndarray:
         """The user's seen rows (a view: later appends do not change it)."""
         entry = self._rows.get(user)
         if entry is None:
-            entry = self._rows[user] = [np.fromiter(seen, np.int32, len(seen)), len(seen)]
+            rows = np.fromiter(seen, np.int32, len(seen))
+            if len(rows) < self.min_rows:
+                return rows
+            entry = self._rows[user] = [rows, len(rows)]
         return entry[0][: entry[1]]
 
     def extend(self, user: str, rows: list[int]) -> None:

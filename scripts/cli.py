@@ -143,6 +143,7 @@ def cmd_bench(args) -> int:
     from freshet.ops.bench import bench
     bench(_config(args), args.dataset, _names(args.systems), args.out_dir, events=args.events,
           paced_rate=args.paced_rate, paced_seconds=args.paced_seconds, paced_systems=_names(args.paced_systems),
+          paced_warmup_s=args.paced_warmup_s,
           scales=[int(x) for x in _names(args.scale)])
     return 0
 
@@ -242,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scorer), full (the job)")
     p.add_argument("--paced-rate", type=float, default=5000.0,
                    help="events/s of the paced run (latency under steady load); 0 skips it")
-    p.add_argument("--paced-seconds", type=float, default=60.0, help="length of each paced replay")
+    p.add_argument("--paced-seconds", type=float, default=60.0, help="length of each paced replay's measured part")
+    p.add_argument("--paced-warmup-s", type=float, default=30.0,
+                   help="seconds of paced load before the measured part (JIT warm-up; shown per 10 s, not in the percentiles)")
     p.add_argument("--paced-systems", default="reference,full", help="systems that get a paced run")
     p.add_argument("--scale", default="10,100",
                    help="comma-separated user multipliers for the scaling runs of the full job ('' skips them)")

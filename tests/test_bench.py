@@ -24,6 +24,12 @@ def test_measure_spans_first_close_to_last_write_and_takes_latency_per_list():
     assert r["latency_ms"]["samples"] == 4 and r["latency_ms"]["p50"] == pytest.approx(300.0)
     paced = bench.measure(10_000, [{}] * 4, closed, written, 0, 0, FakeMonitor(), 20.0, since_ms=2_500)
     assert paced["latency_ms"]["samples"] == 2 and paced["latency_ms"]["p99"] == pytest.approx(100 + 0.99 * 1900)
+    # a warm-up (windows closed before since_ms) shows in the 10 s series but not in the percentiles
+    warm = bench.measure(10_000, [{}] * 4, closed, written, 0, 0, FakeMonitor(), 20.0, since_ms=2_500,
+                         series_from_ms=1_500)
+    assert warm["latency_ms"] == paced["latency_ms"]
+    assert [sl["lists"] for sl in warm["latency_over_time"]] == [3]       # 2,000 / 3,000 / 9,000 ms
+    assert [sl["lists"] for sl in paced["latency_over_time"]] == [2]
 
 
 def test_scaled_log_keeps_events_and_items_and_multiplies_users():
@@ -39,7 +45,7 @@ def test_scaled_log_keeps_events_and_items_and_multiplies_users():
 def test_bench_runs_reference_and_echo_and_a_paced_run_on_real_parts(kafka_cfg, kafka, tmp_path):
     tag_cfg = kafka_cfg.replace(flink={"checkpoint_interval_ms": 2000})
     report = bench.bench(tag_cfg, "ml-100k", ["reference", "echo"], tmp_path, events=4000, paced_rate=400,
-                         paced_seconds=3, paced_systems=["reference"], scales=[])
+                         paced_seconds=3, paced_systems=["reference"], scales=[], paced_warmup_s=1)
     saved = json.loads((tmp_path / "bench-ml-100k.json").read_text())
     assert saved["systems"].keys() == {"reference", "echo"} and (tmp_path / "bench-ml-100k.md").is_file()
     ref, echo = report["systems"]["reference"], report["systems"]["echo"]

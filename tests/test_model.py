@@ -190,6 +190,7 @@ def test_seen_arrays_match_the_seen_sets_through_capacity_evictions(mcfg):
     cfg = ModelConfig(**{**mcfg.__dict__, "max_items": 24})
     windows = random_windows(5, n_windows=60, n_users=4, n_items=80)
     kept, rebuilt = OnlineMF(cfg), OnlineMF(cfg)
+    kept._seen_arrays.min_rows = 2               # arrays for nearly every user here
     got, expected, longest = [], [], 0
     for j in range(0, 60, 9):
         got += kept.learn_windows(windows[j:j + 9], cfg.batch_size, 5)

@@ -63,9 +63,10 @@ class RecommendOnline(KeyedProcessFunction):
     """Keyed by model shard. Increments of many users share each micro-batch.
 
     Increments wait in a buffer until the watermark passes their window's end (one event-time timer, at
-    the earliest waiting window's ``window_end - 1``). Then all windows closed so far are handed to the model in one call, which, per
-    window in order, takes one optimizer step per micro-batch of ``model.batch_size`` increments and
-    lists the window's users, so each list reflects exactly the events before its ``window_end``.
+    the earliest waiting window's ``window_end - 1``). Then all windows closed so far are handed to the
+    model in one call, which, per window in order, takes one optimizer step per micro-batch of
+    ``model.batch_size`` increments and lists the window's users, so each list reflects exactly the
+    events before its ``window_end``.
     """
 
     def __init__(self, cfg: Config):
