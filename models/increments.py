@@ -38,8 +38,7 @@ class Increment:
         events = int(sum(counts))
         scale = max_events / events if max_events is not None and events > max_events else 1.0
         # heaviest first, ties by item id (ids are distinct within an increment, so counts never decide)
-        rows = sorted(zip([-float(w) for w in weights], items, counts))[:max_items] if len(items) != 1 else \
-            [(-float(weights[0]), items[0], counts[0])][:max_items]
+        rows = sorted(zip([-float(w) for w in weights], items, counts))[:max_items]
         return cls(user_id, int(window_end), tuple(r[1] for r in rows), tuple(-r[0] * scale for r in rows),
                    tuple(int(r[2]) for r in rows), events, len(items) - len(rows))
 

@@ -183,12 +183,13 @@ def measure(events: int, lists: list[dict], closed: np.ndarray, written: np.ndar
     """The figures of one run; latency percentiles only over windows closed at or after ``since_ms``, the
     latency series over windows closed at or after ``series_from_ms`` (paced mode: the warm-up shows in
     the series, not in the percentiles)."""
-    keep = closed >= (since_ms if since_ms is not None else 0)
-    shown = closed >= (series_from_ms if series_from_ms is not None else since_ms or 0)
-    latency = (written - closed)[keep]
+    since_ms = since_ms or 0
+    shown = closed >= (series_from_ms if series_from_ms is not None else since_ms)
+    every = written - closed
+    latency = every[closed >= since_ms]
     span_s = (written.max() - closed.min()) / 1000 if len(lists) else float("nan")
     return {"events": events, "lists": len(lists), "dead_letters": dead_letters,
-            "latency_over_time": latency_over_time(closed[shown], (written - closed)[shown]),
+            "latency_over_time": latency_over_time(closed[shown], every[shown]),
             "startup_s": round((closed.min() - launched_ms) / 1000, 1) if len(lists) else None,
             "processing_s": round(span_s, 2), "events_per_s": round(events / span_s, 1) if len(lists) else 0.0,
             "lists_per_s": round(len(lists) / span_s, 1) if len(lists) else 0.0,

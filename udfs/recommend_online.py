@@ -150,9 +150,9 @@ class RecommendOnline(KeyedProcessFunction):
         """Keep one timer at the earliest waiting window's last millisecond (a timer per window costs a
         state write each; when it fires, every window the watermark has passed is closed anyway).
 
-        ``window_end``: the window just added, when a timer is armed already (only it can be earlier).
+        ``window_end``: the window just added; with a timer armed, only it can be earlier than the timer.
         """
-        end = self.buffer.next_end() if window_end is None or self.armed is None else window_end
+        end = window_end if window_end is not None and self.armed is not None else self.buffer.next_end()
         if end is not None and (self.armed is None or end - 1 < self.armed):
             ctx.timer_service().register_event_time_timer(end - 1)
             self.armed = end - 1
