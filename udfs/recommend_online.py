@@ -59,6 +59,18 @@ def build_model(cfg: Config):
     return model_class(cfg)(cfg.model)
 
 
+class Level:
+    """A value (a gauge's meaning) published through a Flink counter: ``set`` moves the count to it."""
+
+    def __init__(self, counter):
+        self.counter, self.value = counter, 0
+
+    def set(self, value: int) -> None:
+        if value != self.value:
+            self.counter.inc(int(value) - self.value)
+            self.value = int(value)
+
+
 class RecommendOnline(KeyedProcessFunction):
     """Keyed by model shard. Increments of many users share each micro-batch.
 
@@ -86,16 +98,17 @@ class RecommendOnline(KeyedProcessFunction):
         metrics = runtime_context.get_metrics_group()
         self.flushes = metrics.counter("model_calls")
         self.emitted = metrics.counter("recommendations_emitted")
+        # Levels are published as counters set from this (the task) thread, never as Python gauges: Flink
+        # reads a gauge from its metrics thread whenever the REST API or a reporter asks, and in thread
+        # mode that enters this operator's Python interpreter from a foreign thread while the task thread
+        # is in it, which crashes the TaskManager (SIGSEGV in libpython's frame stack).
+        self.levels = {name: Level(metrics.counter(name)) for name in
+                       ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_version", "restored_windows")}
         self.last_call_ms = 0.0
         self.restored_windows = 0
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
-        metrics.gauge("last_model_call_ms", lambda: int(self.last_call_ms))
         self.live = LiveHitRate(self.cfg.model.k)
-        metrics.gauge("live_hit_rate_ppm", lambda: int(self.live.hit_rate * 1_000_000))
-        metrics.gauge("live_events", lambda: int(self.live.events))
-        metrics.gauge("model_version", lambda: int(self.model.version) if self.model else 0)
-        metrics.gauge("restored_windows", lambda: int(self.restored_windows))
 
     # ---- state -----------------------------------------------------------------------------------
     def _ensure_model(self) -> None:
@@ -176,10 +189,17 @@ class RecommendOnline(KeyedProcessFunction):
             self.emitted.inc(len(lists))
             self._score_live(closed, lists)
             self._snapshot_if_due()
+            self._publish_levels()
         self._arm(ctx)
         if self._metrics_due(watermark):
             shard = ctx.get_current_key()
             yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}), None)
+
+    def _publish_levels(self) -> None:
+        for name, value in (("last_model_call_ms", self.last_call_ms),
+                            ("live_hit_rate_ppm", self.live.hit_rate * 1_000_000), ("live_events", self.live.events),
+                            ("model_version", self.model.version), ("restored_windows", self.restored_windows)):
+            self.levels[name].set(int(value))
 
     # ---- live quality ----------------------------------------------------------------------------
     def _score_live(self, closed, lists):

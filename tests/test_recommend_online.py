@@ -1,0 +1,109 @@
+"""The model operator's own rules, with stand-ins for what Flink hands it (state, timers, metrics)."""
+from __future__ import annotations
+
+import json
+
+from freshet.udfs.recommend_online import RecommendOnline
+
+
+class FakeListState:
+    def __init__(self):
+        self.items = []
+
+    def get(self):
+        return list(self.items)
+
+    def add(self, item):
+        self.items.append(item)
+
+    def clear(self):
+        self.items = []
+
+
+class FakeCounter:
+    def __init__(self):
+        self.count = 0
+
+    def inc(self, n=1):
+        self.count += n
+
+    def get_count(self):
+        return self.count
+
+
+class FakeMetrics:
+    def __init__(self):
+        self.counters: dict[str, FakeCounter] = {}
+        self.gauges: list[str] = []
+
+    def counter(self, name):
+        return self.counters.setdefault(name, FakeCounter())
+
+    def gauge(self, name, fn):
+        self.gauges.append(name)
+
+
+class FakeRuntimeContext:
+    def __init__(self):
+        self.metrics, self.states = FakeMetrics(), {}
+
+    def get_list_state(self, descriptor):
+        return self.states.setdefault(descriptor.name, FakeListState())
+
+    def get_metrics_group(self):
+        return self.metrics
+
+
+class FakeTimers:
+    def __init__(self):
+        self.timers, self.watermark = [], -1
+
+    def register_event_time_timer(self, t):
+        self.timers.append(t)
+
+    def current_watermark(self):
+        return self.watermark
+
+
+class FakeContext:
+    def __init__(self):
+        self.timers = FakeTimers()
+
+    def timer_service(self):
+        return self.timers
+
+    def get_current_key(self):
+        return 0
+
+
+def window_row(end, quads):
+    return ("win", 0, end, end + 5, json.dumps(quads))
+
+
+def test_levels_are_counters_set_from_the_task_thread_never_python_gauges(cfg):
+    """Flink reads gauges from its metrics thread; a Python gauge enters the embedded interpreter from
+    that thread while the task thread is in it, and the TaskManager dies (SIGSEGV). So: no gauges."""
+    fn = RecommendOnline(cfg.replace(model={"kind": "echo"}))
+    rc, ctx = FakeRuntimeContext(), FakeContext()
+    fn.open(rc)
+    assert rc.metrics.gauges == []
+
+    for end, quads in ((60000, [["u1", "a", 1.0, 1], ["u2", "b", 2.0, 2]]), (120000, [["u1", "c", 1.0, 1]])):
+        assert list(fn.process_element(window_row(end, quads), ctx)) == []
+    assert ctx.timers.timers == [59999]          # one timer, at the earliest waiting window
+
+    ctx.timers.watermark = 130000
+    out = list(fn.on_timer(59999, ctx))
+    recs = [json.loads(r[2]) for r in out if r[0] == "rec"]
+    assert [(r["user_id"], r["window_end"], r["items"]) for r in recs] == \
+           [("u1", 60000, ["a"]), ("u2", 60000, ["b"]), ("u1", 120000, ["c"])]
+    assert [r[3] for r in out if r[0] == "rec"] == [60005, 60005, 120005]   # window closed at, per list
+
+    counters = {name: c.get_count() for name, c in rc.metrics.counters.items()}
+    assert counters["model_calls"] == 1 and counters["recommendations_emitted"] == 3
+    assert counters["live_events"] == fn.live.events > 0
+    assert counters["last_model_call_ms"] == int(fn.last_call_ms)
+
+    fn.last_call_ms = 0.0                        # a level goes down as well as up
+    fn._publish_levels()
+    assert rc.metrics.counters["last_model_call_ms"].get_count() == 0
