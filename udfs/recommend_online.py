@@ -39,7 +39,6 @@ from freshet.models.increments import Increment, WindowBuffer
 # The job routes them to their topics in SQL.
 OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload", "closed_at"],
                               [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()])
-WINDOW_ROW_TYPE = Types.ROW([Types.LONG(), Types.LONG(), Types.STRING()])   # (window_end, closed_at, quads JSON)
 END_OF_INPUT = 2 ** 63 - 1
 
 
@@ -57,6 +56,20 @@ def model_class(cfg: Config):
 def build_model(cfg: Config):
     """The model behind the job (built in the worker, so TensorFlow never loads in the client)."""
     return model_class(cfg)(cfg.model)
+
+
+def log_entry(window_end: int, closed_at: int, quads: str) -> str:
+    """One window row of the replay log as text.
+
+    >>> log_entry_fields(log_entry(60000, 60012, '[["u 1", "a", 1.0, 1]]'))
+    (60000, 60012, '[["u 1", "a", 1.0, 1]]')
+    """
+    return f"{int(window_end)} {int(closed_at)} {quads}"
+
+
+def log_entry_fields(entry: str) -> tuple[int, int, str]:
+    window_end, closed_at, quads = entry.split(" ", 2)
+    return int(window_end), int(closed_at), quads
 
 
 class Level:
@@ -93,7 +106,9 @@ class RecommendOnline(KeyedProcessFunction):
         # A list of at most one snapshot, base64 text: PyFlink's embedded (thread) mode can neither read an
         # unset ValueState nor hand Python bytes to a byte[] state.
         self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.STRING()))
-        self.log = runtime_context.get_list_state(ListStateDescriptor("log", WINDOW_ROW_TYPE))
+        # Window rows as text, "<window_end> <closed_at> <quads JSON>": in thread mode a ROW-typed state
+        # value is pickled on every append (the Row class's pure-Python __reduce__), a string is not.
+        self.log = runtime_context.get_list_state(ListStateDescriptor("log", Types.STRING()))
         self.flush_log = runtime_context.get_list_state(ListStateDescriptor("flushes", Types.LONG()))
         metrics = runtime_context.get_metrics_group()
         self.flushes = metrics.counter("model_calls")
@@ -118,8 +133,8 @@ class RecommendOnline(KeyedProcessFunction):
         blob = next(iter(self.model_state.get() or []), None)
         cls = model_class(self.cfg)
         self.model = cls.from_bytes(base64.b64decode(blob), self.cfg.model) if blob else cls(self.cfg.model)
-        for row in (self.log.get() or []):
-            self._add_window(int(row[0]), int(row[1]), row[2])
+        for entry in (self.log.get() or []):
+            self._add_window(*log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
         for upto in boundaries:     # re-learn exactly the calls made before the checkpoint, emit nothing
             closed = self._close(upto - 1)
@@ -145,7 +160,7 @@ class RecommendOnline(KeyedProcessFunction):
         self.flush_log.clear()
         self.log.clear()
         for window_end, (closed_at, quads) in sorted(self.window_rows.items()):
-            self.log.add(Row(window_end, closed_at, quads))
+            self.log.add(log_entry(window_end, closed_at, quads))
         self.last_snapshot = time.monotonic()
 
     # ---- processing ------------------------------------------------------------------------------
@@ -156,7 +171,7 @@ class RecommendOnline(KeyedProcessFunction):
             return
         self._ensure_model()
         self._add_window(window_end, closed_at, body)
-        self.log.add(Row(window_end, closed_at, body))
+        self.log.add(log_entry(window_end, closed_at, body))
         self._arm(ctx, window_end)
 
     def _arm(self, ctx, window_end: int | None = None) -> None:
