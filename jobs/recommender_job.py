@@ -13,7 +13,7 @@ from pathlib import Path
 from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import StreamExecutionEnvironment
-from pyflink.table import StatementSet, StreamTableEnvironment
+from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 
 from freshet.conf.settings import Config, load_config
 from freshet.jobs import tables
@@ -51,13 +51,30 @@ def flink_configuration(cfg: Config) -> Configuration:
 
 
 def _create_tables(t_env: StreamTableEnvironment, cfg: Config, bounded: bool) -> None:
-    """Kafka source and sinks, and the source split into canonical records (parsed in the JVM) and the rest."""
+    """Kafka source and sinks, and the source's records with ``canonical``: true when the JVM can parse them."""
     t_env.execute_sql(tables.raw_source_ddl(cfg, "raw_events", bounded))
     t_env.execute_sql(tables.recommendations_sink_ddl(cfg, "recommendations_sink"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "dead_letter_sink", cfg.kafka.dlq_topic, "dlq"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "metrics_sink", cfg.kafka.metrics_topic, "metrics"))
     t_env.create_temporary_view("classified", t_env.sql_query(tables.classified_query(cfg, "raw_events")))
-    t_env.create_temporary_view("fast_events", t_env.sql_query(tables.fast_events_query(cfg, "classified")))
+
+
+def _classified_once(t_env: StreamTableEnvironment) -> str:
+    """``classified`` computed once per record; returns the view's name.
+
+    A query with one output (the stream to the model) is optimised as one tree, and the planner copies
+    a view's expressions into each consumer: the canonical-record regex, the decoding of the value and
+    the JSON parse of ``ts`` ran once for the fast path, once for the Python path and once for the late
+    check. A table read back from a DataStream is a boundary the planner cannot merge across (the
+    reference, a statement set of several sinks, gets the same from the planner's common blocks).
+    Event time and watermarks pass through as they are (``SOURCE_WATERMARK()``).
+    """
+    stream = t_env.to_data_stream(t_env.sql_query(
+        "SELECT `value`, `topic`, `partition`, `offset`, rowtime AS event_time, text, canonical FROM classified"))
+    t_env.create_temporary_view("classified_once", t_env.from_data_stream(stream, Schema.new_builder()
+                                .column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3))
+                                .watermark("rowtime", "SOURCE_WATERMARK()").build()))
+    return "classified_once"
 
 
 def _split_late(t_env: StreamTableEnvironment, cfg: Config, accepted: str) -> None:
@@ -75,8 +92,10 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # Kafka -> raw records with event time (per-partition watermarks, read in the JVM) -> canonical
     # records parsed in the JVM; the rest through the exact Python validator (events or dead letters).
     _create_tables(t_env, cfg, bounded)
+    classified = _classified_once(t_env)
+    t_env.create_temporary_view("fast_events", t_env.sql_query(tables.fast_events_query(cfg, classified)))
     t_env.create_temporary_function("parse_event", parse_event_function(cfg.events, cfg.window.size_ms))
-    t_env.create_temporary_view("slow_parsed", t_env.sql_query(tables.slow_parsed_query("classified", "parse_event", PARSED_COLUMNS)))
+    t_env.create_temporary_view("slow_parsed", t_env.sql_query(tables.slow_parsed_query(classified, "parse_event", PARSED_COLUMNS)))
     t_env.create_temporary_view("accepted", t_env.sql_query(
         "SELECT user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime FROM fast_events "
         "UNION ALL SELECT user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime "
@@ -118,6 +137,7 @@ def build_reference_pipeline(env: StreamExecutionEnvironment, cfg: Config, bound
     """
     t_env = StreamTableEnvironment.create(env)
     _create_tables(t_env, cfg, bounded)
+    t_env.create_temporary_view("fast_events", t_env.sql_query(tables.fast_events_query(cfg, "classified")))
     _split_late(t_env, cfg, "fast_events")
     sinks = t_env.create_statement_set()
     sinks.add_insert_sql("INSERT INTO recommendations_sink SELECT user_id, payload, "
