@@ -40,6 +40,8 @@ from freshet.models.increments import Increment, WindowBuffer
 OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload", "closed_at"],
                               [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()])
 END_OF_INPUT = 2 ** 63 - 1
+# The operator's Flink metrics that are levels, not counts (in the order _publish_levels gives them).
+LEVELS = ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_version", "restored_windows")
 
 
 def model_class(cfg: Config):
@@ -78,10 +80,11 @@ class Level:
     def __init__(self, counter):
         self.counter, self.value = counter, 0
 
-    def set(self, value: int) -> None:
+    def set(self, value) -> None:
+        value = int(value)
         if value != self.value:
-            self.counter.inc(int(value) - self.value)
-            self.value = int(value)
+            self.counter.inc(value - self.value)
+            self.value = value
 
 
 class RecommendOnline(KeyedProcessFunction):
@@ -117,8 +120,7 @@ class RecommendOnline(KeyedProcessFunction):
         # reads a gauge from its metrics thread whenever the REST API or a reporter asks, and in thread
         # mode that enters this operator's Python interpreter from a foreign thread while the task thread
         # is in it, which crashes the TaskManager (SIGSEGV in libpython's frame stack).
-        self.levels = {name: Level(metrics.counter(name)) for name in
-                       ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_version", "restored_windows")}
+        self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
         self.last_call_ms = 0.0
         self.restored_windows = 0
         self.last_snapshot = self.last_metrics = time.monotonic()
@@ -211,10 +213,10 @@ class RecommendOnline(KeyedProcessFunction):
             yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}), None)
 
     def _publish_levels(self) -> None:
-        for name, value in (("last_model_call_ms", self.last_call_ms),
-                            ("live_hit_rate_ppm", self.live.hit_rate * 1_000_000), ("live_events", self.live.events),
-                            ("model_version", self.model.version), ("restored_windows", self.restored_windows)):
-            self.levels[name].set(int(value))
+        values = (self.last_call_ms, self.live.hit_rate * 1_000_000, self.live.events, self.model.version,
+                  self.restored_windows)
+        for name, value in zip(LEVELS, values):
+            self.levels[name].set(value)
 
     # ---- live quality ----------------------------------------------------------------------------
     def _score_live(self, closed, lists):
