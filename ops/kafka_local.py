@@ -5,6 +5,7 @@ State (logs, data, pids) lives under ``<home>/kafka``; data and committed offset
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,12 @@ from freshet.conf.settings import Config
 from freshet.ops import processes, vendor
 
 HOST = "127.0.0.1"
+# The broker's ZooKeeper session timeout (set in server.properties, Kafka's default): a broker that died
+# without closing its session stays registered in ZooKeeper this long; ZooKeeper restored from its data
+# folder also keeps the dead broker's session this long after it starts.
+ZK_SESSION_TIMEOUT_MS = 6000
+BROKER_STARTED = "started (kafka.server.KafkaServer)"
+STALE_REGISTRATION = "node already exists"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class LocalKafka:
             f"advertised.listeners=PLAINTEXT://{self.bootstrap}",
             f"log.dirs={self.dir / 'broker-data'}",
             f"zookeeper.connect={HOST}:{self.cfg.local.zookeeper_port}",
+            f"zookeeper.session.timeout.ms={ZK_SESSION_TIMEOUT_MS}",
             f"num.partitions={self.cfg.kafka.partitions}",
             "offsets.topic.replication.factor=1",
             "offsets.topic.num.partitions=4",
@@ -114,13 +122,36 @@ class LocalKafka:
                                   self._pid_file("zookeeper"), logs / "zookeeper.out",
                                   self._env(java_home, "-Xmx128m -Xms64m"))
             processes.wait_for_port(HOST, self.cfg.local.zookeeper_port, 60, "ZooKeeper", logs / "zookeeper.out", pid)
-        pid = processes.spawn([str(kafka_dir / "bin" / "kafka-server-start.sh"), str(broker_conf)],
-                              self._pid_file("broker"), logs / "broker.out", self._env(java_home, "-Xmx512m -Xms256m"))
-        processes.wait_for_port(HOST, self.cfg.local.kafka_port, 90, "Kafka broker", logs / "broker.out", pid)
+        self._start_broker(kafka_dir, broker_conf, java_home, log)
         self.create_topics(log)
         status = self.status()
         log(str(status))
         return status
+
+    def _start_broker(self, kafka_dir: Path, broker_conf: Path, java_home: Path, log, attempts: int = 3) -> None:
+        """Start the broker and wait until it has registered in ZooKeeper (its port opens before that).
+
+        After a crash or ``kill -9`` (of the broker, or of both processes: ZooKeeper restores the old
+        session from its data folder), the dead broker's registration lingers for the session timeout, and
+        a new broker that starts within it exits at once ("node already exists"): wait it out and retry.
+        """
+        out = self.dir / "logs" / "broker.out"
+        for attempt in range(1, attempts + 1):
+            offset = out.stat().st_size if out.is_file() else 0
+            pid = processes.spawn([str(kafka_dir / "bin" / "kafka-server-start.sh"), str(broker_conf)],
+                                  self._pid_file("broker"), out, self._env(java_home, "-Xmx512m -Xms256m"))
+            try:
+                processes.wait_for_log_line(out, offset, BROKER_STARTED, 90, "Kafka broker", pid)
+                return
+            except RuntimeError:
+                with open(out, "rb") as f:
+                    f.seek(offset)
+                    stale = STALE_REGISTRATION in f.read().decode(errors="replace")
+                if not stale or attempt == attempts:
+                    raise
+            log(f"the previous broker is still registered in ZooKeeper; retrying in "
+                f"{ZK_SESSION_TIMEOUT_MS / 1000:.0f}s, when its session has expired")
+            time.sleep(ZK_SESSION_TIMEOUT_MS / 1000 + 1)
 
     def stop(self, log=print) -> None:
         stopped_broker = processes.stop_pid_file(self._pid_file("broker"), timeout=30)

@@ -32,6 +32,28 @@ def wait_for_port(host: str, port: int, timeout: float, what: str, log_file: Pat
     raise RuntimeError(f"{what} did not come up on {host}:{port} within {timeout:.0f}s{tail}")
 
 
+def wait_for_log_line(log_file: Path, offset: int, line: str, timeout: float, what: str, pid: int) -> None:
+    """Wait until ``line`` appears in ``log_file`` after byte ``offset`` while process ``pid`` lives.
+
+    Raises RuntimeError with the log written since ``offset`` (its last lines) when the process exits first
+    or ``timeout`` passes.
+    """
+    deadline = time.monotonic() + timeout
+    text = ""
+    while True:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if line in text and pid_alive(pid):
+            return
+        if not pid_alive(pid) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    state = "exited" if not pid_alive(pid) else f"did not start within {timeout:.0f}s"
+    tail = "\n".join(text.splitlines()[-25:])
+    raise RuntimeError(f"{what} {state}\n--- last lines of {log_file} ---\n{tail}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
