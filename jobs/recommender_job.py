@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
-from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.datastream import DataStream, KeyedStream, StreamExecutionEnvironment
+from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 
 from freshet.conf.settings import Config, load_config
@@ -20,7 +21,7 @@ from freshet.jobs import tables
 from freshet.ops import vendor
 from freshet.ops.python_workers import worker_environment
 from freshet.udfs.parse_events import RESULT_NAMES as PARSED_COLUMNS, parse_event_function
-from freshet.udfs.recommend_online import OUTPUT_TYPE, RecommendOnline
+from freshet.udfs.recommend_online import INPUT_TYPE, OUTPUT_TYPE, RecommendOnline
 
 JOB_NAME = "freshet-recommender"
 
@@ -86,6 +87,17 @@ def _split_late(t_env: StreamTableEnvironment, cfg: Config, accepted: str) -> No
         f"SELECT {tables.dead_letter_sql(tables.late_reason_sql(cfg))} AS payload FROM {accepted} WHERE {late}"))
 
 
+def _keyed_by_first_field(stream: DataStream, key_type, row_type) -> KeyedStream:
+    """``stream`` of (key, row) keyed by its first field, for a Python keyed function that gets ``row``.
+
+    ``DataStream.key_by`` with a key selector runs a Python operator of its own (``AddKey``) in front of
+    the keyed one, which wraps every row as (key, row): one more crossing into Python and back per row.
+    This builds the same keyed stream from rows that arrive wrapped, with PyFlink's own Java key selector.
+    """
+    j_keyed = stream._j_data_stream.keyBy(get_gateway().jvm.KeyByKeySelector(), Types.ROW([key_type]).get_java_type_info())
+    return KeyedStream(j_keyed, row_type, stream)
+
+
 def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StreamTableEnvironment:
     """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks."""
     t_env = StreamTableEnvironment.create(env)
@@ -104,17 +116,19 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
 
     # -> one row per (model shard, window) with every user's items (JVM windows), plus the dead letters,
     #    in one stream: the only one that crosses into Python.
+    #    Each row comes as (shard, row): keyed in the JVM (see _keyed_by_first_field).
     t_env.create_temporary_view("window_batches", t_env.sql_query(tables.window_batches_query(cfg, "on_time")))
-    to_model = t_env.to_data_stream(t_env.sql_query(
+    to_model = t_env.to_append_stream(t_env.sql_query(
+        "SELECT shard, ROW(kind, shard, window_end_ms, closed_at, body) FROM ("
         "SELECT 'win' AS kind, shard, window_end_ms, closed_at, quads AS body FROM window_batches "
         "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), dead_letter "
         "FROM slow_parsed WHERE dead_letter IS NOT NULL "
-        "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), payload FROM late_letters"))
+        "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), payload FROM late_letters)"),
+        Types.ROW([Types.INT(), INPUT_TYPE]))
 
     # -> keyed by model shard (one model per subtask, its state in Flink checkpoints): micro-batched
     #    online learning, top-K per active user when the window closes, live-metrics records.
-    model_output = (to_model
-                    .key_by(lambda row: row[1], key_type=Types.INT())
+    model_output = (_keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
                     .process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)
                     .name("recommend-online").uid("recommend-online"))
     t_env.create_temporary_view("model_output", t_env.from_data_stream(model_output))

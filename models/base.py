@@ -78,6 +78,9 @@ class Recommender(ABC):
         freeze = self.cfg.freeze_after_ms
         return 0 < freeze < window_end
 
+    def warm_up(self, k: int) -> None:
+        """Prepare for the first model call listing ``k`` items (compile what it needs); nothing by default."""
+
     def maintain(self, now: int) -> None:
         """Housekeeping before a model call at event time ``now`` (expiry of stale ids); none by default."""
 

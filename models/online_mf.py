@@ -57,6 +57,13 @@ class _Steps(NamedTuple):
     visible: np.ndarray     # [S] items born at or before this (relative) step may be listed
     sync: np.ndarray        # [S] 1: copy trained parameters to the serving ones after this step
 
+    @classmethod
+    def empty(cls, negatives: int) -> "_Steps":
+        """No steps (a call that only compiles)."""
+        i32 = np.zeros(0, np.int32)
+        return cls(i32, i32, np.zeros((0, negatives), np.int32), np.zeros(0, np.float32), i32, i32,
+                   np.zeros(0, np.float32), i32, i32, i32, i32, i32, i32)
+
     def part(self, s0: int, s1: int) -> "_Steps":
         """Steps [s0, s1), offsets rebased to the part."""
         p0, r0, e0 = (int(a[s0 - 1]) if s0 else 0 for a in (self.pair_end, self.rec_end, self.excl_end))
@@ -262,16 +269,26 @@ class OnlineMF(Recommender):
     def _compile(self) -> None:
         spec = [tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, self.cfg.negatives], tf.int32), tf.TensorSpec([None], tf.float32)]
-        self._step = tf.function(self._sgd_step, input_signature=spec, reduce_retracing=True)
+        # Functions written with tf.while_loop need no AutoGraph conversion, which writes a generated module
+        # to the temp folder for every function it converts (deleted at interpreter exit, which an
+        # interpreter embedded in Flink's TaskManager never reaches).
+        self._step = tf.function(self._sgd_step, input_signature=spec, reduce_retracing=True, autograph=False)
         i32 = lambda shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         self._fused = tf.function(self._fused_loop, input_signature=[
             i32([None]), i32([None]), i32([None, self.cfg.negatives]), tf.TensorSpec([None], tf.float32),
             i32([None]), i32([None]), tf.TensorSpec([None], tf.float32), i32([None]), i32([None, 2]), i32([None]),
             i32([None]), i32([None]), i32([None]), i32([])])
-        # Called through its concrete function: the polymorphic entry point re-binds and re-checks all 14
+        # Traced on first use (with model.xla, only steps too big for the program's blocks need it), then
+        # called through its concrete function: the polymorphic entry point re-binds and re-checks all 14
         # arguments on every call (~1 ms here), which dominated calls that close only a window or two.
-        self._fused_call = self._fused.get_concrete_function()
+        self._fused_call = None
         self._xla_calls: dict[int, object] = {}   # k -> the compiled program for the current table shapes
+
+    def warm_up(self, k: int) -> None:
+        """Trace and compile what the first model call needs for lists of ``k`` (XLA: seconds), now."""
+        if self.cfg.xla:
+            self._xla_part(_Steps.empty(self.cfg.negatives), np.zeros(int(self._V.shape[0]), np.int32),
+                           min(k, int(self._V.shape[0])))
 
     def _sgd_step(self, u_idx, p_idx, n_idx, w, mask=None):
         """One SGD step on a batch of pairs; ``mask`` (0/1 per pair) leaves padded pairs out."""
@@ -470,6 +487,8 @@ class OnlineMF(Recommender):
         return s0 + int(too_big[0]) if too_big.size else s1
 
     def _graph_part(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._fused_call is None:
+            self._fused_call = self._fused.get_concrete_function()
         values, indices = self._fused_call(*(tf.convert_to_tensor(a) for a in (
             st.pu, st.pi, st.pn, st.pw, st.pair_end, st.rec_rows, st.rec_known, st.rec_end,
             np.stack([st.excl_rec, st.excl_item], axis=1), st.excl_end, item_born, st.visible, st.sync, np.int32(k))))
@@ -578,7 +597,7 @@ class OnlineMF(Recommender):
         i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
         pairs, lists, excl = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
-        compiled = tf.function(program, jit_compile=True, input_signature=[
+        compiled = tf.function(program, jit_compile=True, autograph=False, input_signature=[
             i32(pairs), i32(pairs), i32(pairs, negatives), f32(pairs), i32(XLA_STEPS), i32(XLA_STEPS), i32(XLA_STEPS),
             i32(XLA_STEPS), i32(), i32(lists), f32(lists), i32(lists), i32(excl), i32(excl), i32(cap_v)])
         self._xla_calls[k] = compiled.get_concrete_function()

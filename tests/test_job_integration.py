@@ -103,3 +103,18 @@ def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad
     assert sum(m["watermark"] is None for m in metrics) == 1, "one end-of-input record, not one per timer"
     assert final["watermark"] is None and final["live_events"] == len(events)
     assert 0 <= final["live_hit_rate"] <= 1 and final["recommendations_emitted"] == len(got)
+
+
+def test_the_job_crosses_into_python_only_where_it_must(cfg):
+    """Python runs in two places only: the validator for non-canonical records and the model operator.
+    (PyFlink's ``key_by`` with a key selector would add a third, a Python operator that wraps every row
+    with its key; the job keys its rows in the JVM instead.)"""
+    from pyflink.datastream import StreamExecutionEnvironment
+
+    from freshet.jobs import recommender_job
+    env = StreamExecutionEnvironment.get_execution_environment(recommender_job.flink_configuration(cfg))
+    recommender_job.build_pipeline(env, cfg, bounded=True)
+    names = [node["contents"] for node in json.loads(env.get_execution_plan())["nodes"]]
+    assert "recommend-online" in names
+    python = [n for n in names if "python" in n.lower() or "key_by" in n]
+    assert len(python) == 1 and "PythonCorrelate(invocation=[parse_event(" in python[0], python

@@ -34,6 +34,9 @@ from freshet.conf.settings import Config
 from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
 
+# What enters it: (kind, model shard, window_end, window closed at, body). kind "win": a window of the shard,
+# body its (user, item, weight, events) quads as JSON; "dlq": a dead letter found in the JVM, body its JSON.
+INPUT_TYPE = Types.ROW([Types.STRING(), Types.INT(), Types.LONG(), Types.LONG(), Types.STRING()])
 # What leaves this function: (kind, Kafka key, Kafka value, window closed at). kind "rec": a recommendation
 # (CONTRACTS §2) keyed by user; "metrics": a live-metrics record; "dlq": a dead letter passed through.
 # The job routes them to their topics in SQL.
@@ -102,6 +105,10 @@ class RecommendOnline(KeyedProcessFunction):
 
     def open(self, runtime_context):
         self.model = None     # loaded lazily: keyed state can only be read with a current key
+        # A fresh model, compiled for its first call now, while the JVM starts reading: used unless a
+        # checkpoint holds one (TensorFlow's import and the XLA compile took ~10 s after the first window).
+        self.fresh = build_model(self.cfg)
+        self.fresh.warm_up(self.cfg.model.k)
         self.buffer = WindowBuffer()
         self.window_rows: dict[int, tuple[int, str]] = {}   # pending window_end -> (closed_at, quads), for the log
         self.closed_at: dict[int, int] = {}                 # window_end -> when the JVM closed it (last call)
@@ -133,8 +140,8 @@ class RecommendOnline(KeyedProcessFunction):
         if self.model is not None:
             return
         blob = next(iter(self.model_state.get() or []), None)
-        cls = model_class(self.cfg)
-        self.model = cls.from_bytes(base64.b64decode(blob), self.cfg.model) if blob else cls(self.cfg.model)
+        self.model = model_class(self.cfg).from_bytes(base64.b64decode(blob), self.cfg.model) if blob else self.fresh
+        self.fresh = None
         for entry in (self.log.get() or []):
             self._add_window(*log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
