@@ -61,6 +61,7 @@ class LocalFlinkCluster:
         self.port = cfg.local.flink_rest_port
         self.dir = cfg.local.home_path() / f"flink-cluster-{self.port}"  # one folder per cluster
         self.url = f"http://{HOST}:{self.port}"
+        self.tmp_dir = self.dir / "tmp"
 
     # ---- configuration ------------------------------------------------------------------------
     def _write_conf(self) -> Path:
@@ -77,6 +78,9 @@ class LocalFlinkCluster:
             "taskmanager": {"bind-host": HOST, "host": HOST, "numberOfTaskSlots": 2,
                             "memory": {"process": {"size": "3072m"}}},
             "rest": {"address": HOST, "bind-address": HOST, "port": self.port},
+            # Temporary files (the RPC system's 24 MB jar each process extracts, blobs, spill files) in the
+            # cluster's folder: a process killed with -9 cannot delete its own, and stop() removes them.
+            "io": {"tmp": {"dirs": str(self.tmp_dir)}},
             "parallelism": {"default": self.cfg.flink.parallelism},
             "python": {"executable": sys.executable, "client": {"executable": sys.executable}},
         }
@@ -110,6 +114,7 @@ class LocalFlinkCluster:
         })
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "pids").mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         return env
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -156,6 +161,7 @@ class LocalFlinkCluster:
     def stop(self, log=print) -> None:
         running = self.pids()
         if not any(running.values()):
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
             log("flink cluster was not running")
             return
         subprocess.run(["bash", str(FLINK_HOME / "bin" / "stop-cluster.sh")], env=self._env(), capture_output=True)
@@ -164,6 +170,7 @@ class LocalFlinkCluster:
             time.sleep(0.3)
         for pid in (p for ps in running.values() for p in ps if processes.pid_alive(p)):
             os.kill(pid, 9)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)   # what killed processes left behind
         log("flink cluster stopped")
 
     def start_taskmanager(self, log=print, timeout: float = 90.0) -> None:

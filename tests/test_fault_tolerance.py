@@ -49,6 +49,7 @@ def setup(kafka, kafka_cfg, log_df, tmp_path_factory):
     finally:
         cluster.stop()
         assert not any(cluster.pids().values()), "cluster processes must be gone after stop"
+        assert not cluster.tmp_dir.exists(), "the killed TaskManager's temporary files must be gone after stop"
 
 
 def run_cfg(cfg, name):
