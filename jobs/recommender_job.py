@@ -18,7 +18,7 @@ from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironmen
 
 from freshet.conf.settings import Config, load_config
 from freshet.jobs import tables
-from freshet.ops import vendor
+from freshet.ops import processes, vendor
 from freshet.ops.python_workers import worker_environment
 from freshet.udfs.parse_events import RESULT_NAMES as PARSED_COLUMNS, parse_event_function
 from freshet.udfs.recommend_online import INPUT_TYPE, OUTPUT_TYPE, RecommendOnline
@@ -180,7 +180,11 @@ def run(cfg: Config, bounded: bool, reference: bool = False) -> None:
     ``reference``: the JVM-only benchmark reference instead of the job (``freshet bench``).
     """
     prepare_local_runtime(cfg)
-    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg))
+    conf = flink_configuration(cfg)
+    # The local runtime's temporary files (each Flink JVM extracts a 24 MB RPC jar) in a folder of this
+    # process, not in /tmp, where a job stopped with SIGTERM left them. (A cluster uses its own setting.)
+    conf.set_string("io.tmp.dirs", str(processes.private_tmp_dir(cfg.local.home_path().resolve() / "tmp")))
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
     if reference:
         build_reference_pipeline(env, cfg, bounded).execute().wait()
         return

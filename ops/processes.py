@@ -1,7 +1,9 @@
 """Background service processes tracked by pid files: start once, stop by process id, ask if alive."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +54,23 @@ def wait_for_log_line(log_file: Path, offset: int, line: str, timeout: float, wh
     state = "exited" if not pid_alive(pid) else f"did not start within {timeout:.0f}s"
     tail = "\n".join(text.splitlines()[-25:])
     raise RuntimeError(f"{what} {state}\n--- last lines of {log_file} ---\n{tail}")
+
+
+def private_tmp_dir(root: Path) -> Path:
+    """``root/pid-<this process's id>``, created, and removed when this process exits normally.
+
+    Folders of processes that are gone are removed first: what a process stopped with SIGTERM or
+    ``kill -9`` (and the JVM it started) could not delete itself.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("pid-*"):
+        pid = old.name[len("pid-"):]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / f"pid-{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    atexit.register(shutil.rmtree, mine, True)
+    return mine
 
 
 def pid_alive(pid: int) -> bool:
