@@ -117,10 +117,14 @@ def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_d
     assert restored, "the job must have restored from a checkpoint"
     recovery_s = restored["restore_timestamp"] / 1000 - killed_at
     result = score(run, log_df)
-    print(f"\nkill -9 TaskManager: restored checkpoint {restored['id']} {recovery_s:.1f}s after the kill; "
+    print(f"\nkill -9 TaskManager: restored checkpoint {restored['id']} {recovery_s:.1f}s after the kill, "
+          f"model version {max(m['restored_model_version'] for m in result['metrics'])} with "
+          f"{max(m['restored_windows'] for m in result['metrics'])} logged windows re-learned; "
           f"HR@10 {result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; lists {len(result['recs'])}")
     check_recovered_run(result, reference, log_df, cfg.window.size_ms)
-    assert max(m["restored_windows"] for m in result["metrics"]) > 0, "the model must have replayed its log"
+    # Restored, not rebuilt: from its snapshot and/or the calls logged since (which of the two depends on
+    # where the restored checkpoint fell between snapshots; tests/test_recommend_online.py covers the log).
+    assert max(m["restored_model_version"] for m in result["metrics"]) > 0, "the model must have been restored"
 
 
 def test_broker_restart_mid_replay_loses_and_duplicates_nothing(setup, kafka, log_df):

@@ -129,3 +129,20 @@ def test_a_restarted_instance_relearns_logged_calls_and_emits_only_what_was_pend
     assert [(r["user_id"], r["window_end"], r["items"]) for r in out] == [("u 1", 120000, ["b"]), ("v", 120000, ["c"])]
     assert second.restored_windows == 1
     assert rc.metrics.counters["restored_windows"].get_count() == 1
+
+
+def test_a_restored_instance_reports_the_model_version_it_went_on_from(cfg):
+    job_cfg = cfg.replace(model={"kind": "popularity"}, flink={"model_snapshot_interval_ms": 3_600_000})
+    rc = FakeRuntimeContext()
+    first, ctx = RecommendOnline(job_cfg), FakeContext()
+    first.open(rc)
+    list(first.process_element(window_row(60000, [["u", "a", 1.0, 1]]), ctx))
+    ctx.timers.watermark = 70000
+    list(first.on_timer(59999, ctx))
+    assert first.restored_version == 0 and first.model.version > 0          # a fresh start
+
+    second, ctx2 = RecommendOnline(job_cfg), FakeContext()   # same state: as after a restore
+    second.open(rc)
+    ctx2.timers.watermark = 70000
+    list(second.on_timer(59999, ctx2))
+    assert second.restored_version == first.model.version

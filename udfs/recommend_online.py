@@ -130,6 +130,7 @@ class RecommendOnline(KeyedProcessFunction):
         self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
         self.last_call_ms = 0.0
         self.restored_windows = 0
+        self.restored_version = 0
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
         self.live = LiveHitRate(self.cfg.model.k)
@@ -149,6 +150,7 @@ class RecommendOnline(KeyedProcessFunction):
             closed = self._close(upto - 1)
             self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
             self.restored_windows += len(closed)
+        self.restored_version = self.model.version   # 0 unless a checkpoint held a model or logged calls
 
     def _add_window(self, window_end: int, closed_at: int, quads: str) -> None:
         for inc in Increment.window_from_quads(window_end, quads, self.cfg.window.max_items_per_increment,
@@ -253,5 +255,5 @@ class RecommendOnline(KeyedProcessFunction):
                 "live_hits": self.live.hits, "recommendations_emitted": self.emitted.get_count(),
                 "model_calls": self.flushes.get_count(), "last_model_call_ms": round(self.last_call_ms, 1),
                 "model_version": self.model.version, "users": self.model.n_users, "items": self.model.n_items,
-                "restored_windows": self.restored_windows}
+                "restored_windows": self.restored_windows, "restored_model_version": self.restored_version}
 
