@@ -160,18 +160,15 @@ class LocalFlinkCluster:
 
     def stop(self, log=print) -> None:
         running = self.pids()
-        if not any(running.values()):
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
-            log("flink cluster was not running")
-            return
-        subprocess.run(["bash", str(FLINK_HOME / "bin" / "stop-cluster.sh")], env=self._env(), capture_output=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(processes.pid_alive(p) for ps in running.values() for p in ps):
-            time.sleep(0.3)
-        for pid in (p for ps in running.values() for p in ps if processes.pid_alive(p)):
-            os.kill(pid, 9)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)   # what killed processes left behind
-        log("flink cluster stopped")
+        if any(running.values()):
+            subprocess.run(["bash", str(FLINK_HOME / "bin" / "stop-cluster.sh")], env=self._env(), capture_output=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(processes.pid_alive(p) for ps in running.values() for p in ps):
+                time.sleep(0.3)
+            for pid in (p for ps in running.values() for p in ps if processes.pid_alive(p)):
+                os.kill(pid, 9)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)   # incl. what processes killed with -9 left behind
+        log("flink cluster stopped" if any(running.values()) else "flink cluster was not running")
 
     def start_taskmanager(self, log=print, timeout: float = 90.0) -> None:
         """Start one more TaskManager (after one was lost) and wait until it has registered."""

@@ -144,10 +144,7 @@ class LocalKafka:
                 processes.wait_for_log_line(out, offset, BROKER_STARTED, 90, "Kafka broker", pid)
                 return
             except RuntimeError:
-                with open(out, "rb") as f:
-                    f.seek(offset)
-                    stale = STALE_REGISTRATION in f.read().decode(errors="replace")
-                if not stale or attempt == attempts:
+                if STALE_REGISTRATION not in processes.log_since(out, offset) or attempt == attempts:
                     raise
             log(f"the previous broker is still registered in ZooKeeper; retrying in "
                 f"{ZK_SESSION_TIMEOUT_MS / 1000:.0f}s, when its session has expired")

@@ -19,6 +19,20 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def log_since(log_file: Path, offset: int = 0) -> str:
+    """What ``log_file`` got after byte ``offset`` ("" if there is no such file)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_lines(log_file: Path | None, text: str) -> str:
+    return f"\n--- last lines of {log_file} ---\n" + "\n".join(text.splitlines()[-25:]) if log_file else ""
+
+
 def wait_for_port(host: str, port: int, timeout: float, what: str, log_file: Path | None = None,
                   pid: int | None = None) -> None:
     deadline = time.monotonic() + timeout
@@ -28,9 +42,7 @@ def wait_for_port(host: str, port: int, timeout: float, what: str, log_file: Pat
         if pid is not None and not pid_alive(pid):
             break
         time.sleep(0.2)
-    tail = ""
-    if log_file and log_file.is_file():
-        tail = "\n--- last lines of " + str(log_file) + " ---\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
+    tail = _last_lines(log_file, log_since(log_file)) if log_file and log_file.is_file() else ""
     raise RuntimeError(f"{what} did not come up on {host}:{port} within {timeout:.0f}s{tail}")
 
 
@@ -41,19 +53,15 @@ def wait_for_log_line(log_file: Path, offset: int, line: str, timeout: float, wh
     or ``timeout`` passes.
     """
     deadline = time.monotonic() + timeout
-    text = ""
     while True:
-        with open(log_file, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
+        text = log_since(log_file, offset)
         if line in text and pid_alive(pid):
             return
         if not pid_alive(pid) or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
     state = "exited" if not pid_alive(pid) else f"did not start within {timeout:.0f}s"
-    tail = "\n".join(text.splitlines()[-25:])
-    raise RuntimeError(f"{what} {state}\n--- last lines of {log_file} ---\n{tail}")
+    raise RuntimeError(f"{what} {state}{_last_lines(log_file, text)}")
 
 
 def private_tmp_dir(root: Path) -> Path:
