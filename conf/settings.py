@@ -127,12 +127,13 @@ class WindowConfig:
         _require(self.max_events_per_user_window >= 1, "window.max_events_per_user_window must be >= 1")
 
 
-MODEL_KINDS = ("bpr", "popularity", "echo")
+MODEL_KINDS = ("bpr", "sequence", "popularity", "recent-popularity", "transition", "echo")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "bpr"              # bpr: online matrix factorisation; popularity: the cumulative-popularity baseline;
+    kind: str = "bpr"              # bpr: online matrix factorisation; sequence: the sequence-aware model;
+    #                                popularity / recent-popularity / transition: baselines;
     #                                echo: a no-op scorer that lists the user's own window items (benchmarks the plumbing)
     freeze_after_ms: int = 0       # > 0: stop learning at this event time (the "frozen model" baseline)
     sync_every_ms: int = 0         # > 0: lists use parameters synced from training every this much event time
@@ -152,6 +153,17 @@ class ModelConfig:
     device: str = "auto"
     threads: int = 1               # TensorFlow op threads (0: TensorFlow's default, one per core)
     xla: bool = True               # run the per-window loop as one XLA-compiled program (False: a plain TF graph)
+    # What a user just did (sequence, transition): the user's last `history` items, each weighted by its
+    # behaviour weight times history_decay ** (the user's increments since).
+    history: int = 20
+    history_decay: float = 0.7
+    sequence_negatives: int = 2048          # sequence: items sampled per micro-batch, shared by its pairs' softmax
+    sequence_learning_rate: float = 0.1     # sequence: Adagrad step size
+    sequence_temperature: float = 0.5       # sequence: user vectors are divided by this before scoring
+    popularity_half_life_ms: int = 0        # recent-popularity (and transition's popularity mix): 0 = cumulative
+    transition_alpha: float = 0.5           # transition: counts / (times the source item was followed + 1) ** alpha
+    transition_popularity: float = 0.1      # transition: weight of the popularity share mixed into every score
+    transition_max_items: int = 8192        # transition: rows of its dense count matrix (8192^2 float32 = 256 MiB)
 
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind must be one of {'|'.join(MODEL_KINDS)}, got {self.kind!r}")
@@ -169,6 +181,17 @@ class ModelConfig:
         _require(self.expire_after_ms >= 0, "model.expire_after_ms must be >= 0 (0: never expire)")
         _require(self.device in ("auto", "cpu", "gpu"), f"model.device must be auto|cpu|gpu, got {self.device!r}")
         _require(self.threads >= 0, "model.threads must be >= 0 (0: TensorFlow's default)")
+        _require(self.history >= 1, f"model.history must be >= 1, got {self.history}")
+        _require(0.0 <= self.history_decay <= 1.0, f"model.history_decay must be in [0, 1], got {self.history_decay}")
+        _require(self.sequence_negatives >= 1, f"model.sequence_negatives must be >= 1, got {self.sequence_negatives}")
+        _require(self.sequence_learning_rate > 0 and self.sequence_temperature > 0,
+                 "model.sequence_learning_rate and model.sequence_temperature must be > 0")
+        _require(self.popularity_half_life_ms >= 0, "model.popularity_half_life_ms must be >= 0 (0: cumulative)")
+        _require(not (self.kind == "recent-popularity" and self.popularity_half_life_ms == 0),
+                 "model.kind recent-popularity needs model.popularity_half_life_ms > 0 (e.g. 86400000, one day)")
+        _require(self.transition_alpha >= 0 and self.transition_popularity >= 0,
+                 "model.transition_alpha and model.transition_popularity must be >= 0")
+        _require(self.transition_max_items >= 2, "model.transition_max_items must be >= 2")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ from freshet.models.base import (Recommendation, Recommender, StepStats, WindowL
                                  pack_seen, unpack_seen)
 from freshet.models.id_table import NEVER, IdTable  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
+from freshet.models import xla_blocks as xb  # noqa: E402
+from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_LISTS, XLA_LISTS_PAD,  # noqa: E402
+                                       XLA_PAIRS, XLA_PAIRS_PAD, XLA_STEPS)
 
 
 class _Steps(NamedTuple):
@@ -72,21 +75,6 @@ class _Steps(NamedTuple):
                       self.rec_rows[r0:r1], self.rec_known[r0:r1], self.rec_end[s0:s1] - r0,
                       self.excl_rec[e0:e1] - r0, self.excl_item[e0:e1], self.excl_end[s0:s1] - e0,
                       self.visible[s0:s1], self.sync[s0:s1])
-
-
-# The XLA program has fixed shapes, so it is compiled once per table capacity (and k), not per call:
-# a call's steps go through it in parts of at most these many steps, pairs, lists and exclusions.
-# Inside, a step's pairs are one static block of the smallest size in PAIR_BLOCKS that holds them
-# (padding masked), lists go in blocks of LIST_BLOCKS, seen-item exclusions in blocks of EXCL_BLOCK.
-# A step bigger than the largest block goes through the plain graph loop instead (same result).
-XLA_STEPS, XLA_PAIRS, XLA_LISTS, XLA_EXCL = 512, 4096, 1024, 16384
-PAIR_BLOCKS = (8, 64, 512, 2048)
-LIST_BLOCKS = (1, 4, 16)
-EXCL_BLOCK = 256
-# Padded input lengths: room for a whole block past the last real entry.
-XLA_PAIRS_PAD = XLA_PAIRS + PAIR_BLOCKS[-1]
-XLA_LISTS_PAD = XLA_LISTS + LIST_BLOCKS[-1]
-XLA_EXCL_PAD = XLA_EXCL + EXCL_BLOCK
 
 
 def pick_device(preference: str) -> str:
@@ -466,7 +454,7 @@ class OnlineMF(Recommender):
             sizes = np.diff(st.pair_end, prepend=0)
             parts, s0, n_steps = [], 0, len(st.pair_end)
             while s0 < n_steps:
-                s1 = self._xla_span(st, sizes, s0)
+                s1 = xb.span(sizes, (st.pair_end, st.rec_end, st.excl_end), (XLA_PAIRS, XLA_LISTS, XLA_EXCL), s0)
                 if s1 > s0:
                     parts.append(self._xla_part(st.part(s0, s1), item_born, k))
                 else:   # one step too big for the compiled program's blocks
@@ -475,16 +463,6 @@ class OnlineMF(Recommender):
                 s0 = s1
         return (np.concatenate([v for v, _ in parts]) if parts else np.zeros((0, k), np.float32),
                 np.concatenate([i for _, i in parts]) if parts else np.zeros((0, k), np.int32))
-
-    @staticmethod
-    def _xla_span(st: _Steps, sizes: np.ndarray, s0: int) -> int:
-        """End of the longest run of steps from ``s0`` that fits the compiled program's fixed shapes."""
-        s1 = min(len(st.pair_end), s0 + XLA_STEPS)
-        for ends, cap in ((st.pair_end, XLA_PAIRS), (st.rec_end, XLA_LISTS), (st.excl_end, XLA_EXCL)):
-            base = int(ends[s0 - 1]) if s0 else 0
-            s1 = min(s1, int(np.searchsorted(ends, base + cap, side="right")))
-        too_big = np.flatnonzero(sizes[s0:s1] > PAIR_BLOCKS[-1])
-        return s0 + int(too_big[0]) if too_big.size else s1
 
     def _graph_part(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._fused_call is None:
@@ -496,10 +474,7 @@ class OnlineMF(Recommender):
 
     def _xla_part(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Steps that fit the fixed shapes: padded with zeros (padding is masked out inside)."""
-        def pad(a, n):
-            out = np.zeros((n,) + a.shape[1:], a.dtype)
-            out[: len(a)] = a
-            return out
+        pad = xb.pad
         pairs, lists, excl = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
         n_lists = len(st.rec_rows)
         list_excl_end = np.cumsum(np.bincount(st.excl_rec, minlength=n_lists)[:n_lists]).astype(np.int32)
@@ -516,24 +491,7 @@ class OnlineMF(Recommender):
         if k in self._xla_calls:
             return self._xla_calls[k]
         negatives, cap_v, inf = self.cfg.negatives, int(self._V.shape[0]), float("-inf")
-        list_block = LIST_BLOCKS[-1]
-
-        def start(ends, j):            # where element j's range begins: ends[j - 1], or 0
-            return tf.where(j > 0, tf.gather(ends, tf.maximum(j - 1, 0)), 0)
-
-        # Indexing is written as gathers throughout: XLA takes the position of a slice or index as a
-        # compile-time constant, which would compile the program again for every new input.
-        def take(x, at, size):         # x[at:at + size]
-            return tf.gather(x, at + tf.range(size))
-
-        def bucket(n, blocks):         # index of the smallest block that holds n (the last one if none does)
-            return tf.reduce_sum(tf.cast(n > tf.constant(blocks[:-1]), tf.int32))
-
-        def once(flag, fn, *state):
-            """``fn(*state)`` if flag, else ``state``: a loop of at most one trip. XLA updates the tables and
-            outputs of a loop in place, where a conditional (tf.cond / switch_case) copies them."""
-            _, *state = tf.while_loop(lambda go, *_: go, lambda go, *st: (False, *fn(*st)), [flag, *state])
-            return state
+        take, start, bucket, once = xb.take, xb.start, xb.bucket, xb.once
 
         def program(pu, pi, pn, pw, pair_end, rec_end, visible, sync, n_steps, rec_rows, rec_known, list_excl_end,
                     excl_rec, excl_item, item_born):
@@ -542,26 +500,6 @@ class OnlineMF(Recommender):
                     self._sgd_step(take(pu, a, size), take(pi, a, size), take(pn, a, size), take(pw, a, size),
                                    tf.cast(tf.range(size) < n, tf.float32))
                     return ()
-                return run
-
-            def listing(size, s, r, n, served):
-                def run(out_v, out_i):
-                    user_vecs = tf.gather(served[0], take(rec_rows, r, size)) * take(rec_known, r, size)[:, None]
-                    scores = tf.matmul(user_vecs, served[1], transpose_b=True) + served[2]
-                    scores = tf.where(item_born[None, :] <= tf.gather(visible, s), scores, inf)
-                    scores = tf.concat([scores, tf.zeros([size, 1])], 1)    # a spare column takes padded exclusions
-                    e1 = tf.gather(list_excl_end, r + tf.minimum(n, size) - 1)
-
-                    def exclude(e, sc):
-                        ok = e + tf.range(EXCL_BLOCK) < e1
-                        at = tf.stack([tf.where(ok, take(excl_rec, e, EXCL_BLOCK) - r, 0),
-                                       tf.where(ok, take(excl_item, e, EXCL_BLOCK), cap_v)], 1)
-                        return e + EXCL_BLOCK, tf.tensor_scatter_nd_update(sc, at, tf.fill([EXCL_BLOCK], inf))
-                    _, scores = tf.while_loop(lambda e, sc: e < e1, exclude, [start(list_excl_end, r), scores])
-                    top = tf.math.top_k(scores[:, :cap_v], k=k)
-                    at = (r + tf.range(size))[:, None]   # rows past the valid ones are rewritten by later blocks
-                    return (tf.tensor_scatter_nd_update(out_v, at, top.values),
-                            tf.tensor_scatter_nd_update(out_i, at, top.indices))
                 return run
 
             def step(s, out_v, out_i):
@@ -578,15 +516,13 @@ class OnlineMF(Recommender):
                         return ()
                     once(tf.gather(sync, s) > 0, copy)
                     served = tuple(self._serving)
-                r1 = tf.gather(rec_end, s)
 
-                def lists(r, ov, oi):
-                    n = r1 - r
-                    chosen = bucket(n, LIST_BLOCKS)
-                    for j, size in enumerate(LIST_BLOCKS):
-                        ov, oi = once(chosen == j, listing(size, s, r, n, served), ov, oi)
-                    return r + tf.minimum(n, list_block), ov, oi
-                _, out_v, out_i = tf.while_loop(lambda r, ov, oi: r < r1, lists, [start(rec_end, s), out_v, out_i])
+                def scores_of(r, size):
+                    user_vecs = tf.gather(served[0], take(rec_rows, r, size)) * take(rec_known, r, size)[:, None]
+                    scores = tf.matmul(user_vecs, served[1], transpose_b=True) + served[2]
+                    return tf.where(item_born[None, :] <= tf.gather(visible, s), scores, inf)
+                out_v, out_i = xb.list_step(s, rec_end, scores_of, list_excl_end, excl_rec, excl_item, cap_v, k,
+                                            out_v, out_i)
                 return s + 1, out_v, out_i
 
             _, out_v, out_i = tf.while_loop(lambda s, ov, oi: s < n_steps, step,

@@ -48,9 +48,15 @@ LEVELS = ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_versi
 
 
 def model_class(cfg: Config):
-    if cfg.model.kind == "popularity":
+    if cfg.model.kind in ("popularity", "recent-popularity"):
         from freshet.models.popularity import Popularity
         return Popularity
+    if cfg.model.kind == "sequence":
+        from freshet.models.sequence import SequenceModel
+        return SequenceModel
+    if cfg.model.kind == "transition":
+        from freshet.models.transition import Transition
+        return Transition
     if cfg.model.kind == "echo":
         from freshet.models.echo import Echo
         return Echo

@@ -1,0 +1,518 @@
+"""A sequence-aware model: a user is what they just did, learned online with a sampled softmax.
+
+The user representation is not a per-user parameter but a function of the user's recent behaviour
+(:class:`~freshet.models.history.UserHistory`): the last ``model.history`` items, each weighted by its
+behaviour weight times ``model.history_decay ** age`` (age in the user's windows), averaged over a
+*context* embedding of each item (FISM / asymmetric factorisation)::
+
+    q(u) = sum_j a_j E_in[h_j] / sum_j a_j          score(u, i) = <q(u), E_out[i]> / T + b[i]
+
+Objective: a list made at ``window_end`` serves until the user's next window, so the model learns to
+predict the items of a user's *next increment* from the history before it. Each positive (context,
+item) pair is a softmax over the item and ``model.sequence_negatives`` items sampled uniformly per
+micro-batch and shared by its pairs (uniform sampling needs no logQ correction: it shifts every
+logit equally; sampled copies of the positive are masked). One sparse Adagrad step per micro-batch
+touches only the gathered rows.
+
+Variables, and whom they belong to (what a parallel model needs to know): ``E_in``, ``E_out``, ``b``
+and their Adagrad accumulators are **shared** (item rows); the **per-user** state is the history and
+the seen-item set, which are data, not parameters: a user's list needs no per-user training.
+
+Tables grow as new items arrive (:class:`~freshet.models.id_table.IdTable`: admission, expiry and a
+memory bound, as for BPR); users live in an :class:`IdTable` too, so the number of histories is bounded
+by ``model.max_users`` and they expire with ``model.expire_after_ms``.
+
+>>> from freshet.conf.settings import ModelConfig
+>>> from freshet.models.increments import Increment
+>>> m = SequenceModel(ModelConfig(kind="sequence", dim=4, initial_capacity=4, sequence_negatives=4, xla=False))
+>>> _ = m.learn_many([Increment("u1", 60, ("a", "b"), (1.0, 1.0), (1, 1), 2)])
+>>> stats = m.learn_many([Increment("u1", 120, ("c",), (1.0,), (1,), 1)])
+>>> stats.pairs, m.n_items                      # "c" after u1's history (a, b): one pair
+(1, 3)
+>>> m.recommend(["u1"], k=5)[0].items           # u1 has seen everything
+[]
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from freshet.conf.settings import ModelConfig
+from freshet.models.base import (Recommendation, Recommender, StepStats, WindowList, micro_batches, pack_seen,
+                                 unpack_seen)
+from freshet.models.history import UserHistory
+from freshet.models.id_table import IdTable
+from freshet.models.increments import Increment
+from freshet.models import xla_blocks as xb
+from freshet.models.online_mf import SeenArrays, pick_device, set_threads
+from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_LISTS, XLA_LISTS_PAD, XLA_PAIRS,
+                                       XLA_PAIRS_PAD, XLA_STEPS)
+
+ADAGRAD_INIT = 0.1
+
+
+class _Work(NamedTuple):
+    """One model call, flat: per step the end offsets of its pairs, lists and exclusions."""
+    ctx_rows: np.ndarray    # [P, L] context item rows of each positive pair
+    ctx_w: np.ndarray       # [P, L] their weights
+    item: np.ndarray        # [P] positive item row
+    weight: np.ndarray      # [P] pair weight
+    pair_end: np.ndarray    # [S]
+    neg: np.ndarray         # [S, M] each step's shared negatives
+    list_rows: np.ndarray   # [R, L] context of each list to make
+    list_w: np.ndarray      # [R, L]
+    rec_end: np.ndarray     # [S]
+    excl_rec: np.ndarray    # [E] list index of each exclusion
+    excl_item: np.ndarray   # [E]
+    excl_end: np.ndarray    # [S]
+    visible: np.ndarray     # [S] items born at or before this (relative) step may be listed
+
+    def part(self, s0: int, s1: int) -> "_Work":
+        p0, r0, e0 = (int(a[s0 - 1]) if s0 else 0 for a in (self.pair_end, self.rec_end, self.excl_end))
+        p1, r1, e1 = (int(a[s1 - 1]) for a in (self.pair_end, self.rec_end, self.excl_end))
+        return _Work(self.ctx_rows[p0:p1], self.ctx_w[p0:p1], self.item[p0:p1], self.weight[p0:p1],
+                     self.pair_end[s0:s1] - p0, self.neg[s0:s1], self.list_rows[r0:r1], self.list_w[r0:r1],
+                     self.rec_end[s0:s1] - r0, self.excl_rec[e0:e1] - r0, self.excl_item[e0:e1],
+                     self.excl_end[s0:s1] - e0, self.visible[s0:s1])
+
+
+class SequenceModel(Recommender):
+    """Next-window prediction from the user's recent items (FISM-style context, sampled softmax, Adagrad)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        set_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        self.users = IdTable(cfg.max_users, cfg.admit_after)   # bounds how many histories are kept
+        self.items = IdTable(cfg.max_items, cfg.admit_after)
+        self.history = UserHistory(cfg.history, cfg.history_decay)
+        self.seen: dict[str, set[int]] = {}
+        self._seen_arrays = SeenArrays()
+        self.version = 0
+        self.steps = 0
+        self._next_expiry = -1
+        self._rngs = {name: np.random.default_rng([cfg.seed, j])
+                      for j, name in enumerate(("E_in", "E_out", "neg", "reinit"))}
+        cap = cfg.initial_capacity
+        with tf.device(self.device):
+            self.E_in = tf.Variable(self._init_rows("E_in", cap), name="item_context_emb")
+            self.E_out = tf.Variable(self._init_rows("E_out", cap), name="item_emb")
+            self.b = tf.Variable(tf.zeros([cap]), name="item_bias")
+            self.acc = [tf.Variable(tf.fill(v.shape, ADAGRAD_INIT), name=f"adagrad_{j}")
+                        for j, v in enumerate((self.E_in, self.E_out, self.b))]
+        self._compile()
+
+    # ---- tables ---------------------------------------------------------------------------------
+    def _init_rows(self, name: str, n: int) -> np.ndarray:
+        return self._rngs[name].normal(0.0, 0.05, size=(n, self.cfg.dim)).astype(np.float32)
+
+    n_users = property(lambda self: len(self.users))
+    n_items = property(lambda self: len(self.items))
+
+    def capacity(self) -> int:
+        return int(self.E_in.shape[0])
+
+    def _variables(self) -> list[tf.Variable]:
+        return [self.E_in, self.E_out, self.b, *self.acc]
+
+    def _grow(self) -> None:
+        cap, n = self.capacity(), self.items.high
+        if n <= cap:
+            return
+        new = cap
+        while new < n:
+            new *= 2
+        extra = new - cap
+        with tf.device(self.device):
+            self.E_in = tf.Variable(tf.concat([self.E_in, self._init_rows("E_in", extra)], 0), name="item_context_emb")
+            self.E_out = tf.Variable(tf.concat([self.E_out, self._init_rows("E_out", extra)], 0), name="item_emb")
+            self.b = tf.Variable(tf.concat([self.b, tf.zeros([extra])], 0), name="item_bias")
+            self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
+                        for a in self.acc]
+        self._compile()
+
+    def maintain(self, now: int) -> None:
+        horizon = self.cfg.expire_after_ms
+        if horizon > 0 and now >= self._next_expiry:
+            self.users.expire(now, horizon)
+            self.items.expire(now, horizon)
+            self._next_expiry = now + max(horizon // 8, 1)
+            self._forget_evicted()
+
+    def _forget_evicted(self) -> None:
+        for user, _ in self.users.drain_evicted():
+            self.seen.pop(user, None)
+            self._seen_arrays.drop(user)
+            self.history.forget(user)
+        gone = {row for _, row in self.items.drain_evicted() if row}
+        if gone:
+            for seen in self.seen.values():
+                seen.difference_update(gone)
+            self._seen_arrays.drop()
+            self.history.drop_rows(gone)
+
+    def _reinit_reused(self) -> None:
+        rows = self.items.drain_reused()
+        if rows:
+            at = np.asarray(rows, np.int32)[:, None]
+            rng = self._rngs["reinit"]
+            fresh = rng.normal(0.0, 0.05, size=(2, len(rows), self.cfg.dim)).astype(np.float32)
+            self.E_in.scatter_nd_update(at, fresh[0])
+            self.E_out.scatter_nd_update(at, fresh[1])
+            self.b.scatter_nd_update(at, np.zeros(len(rows), np.float32))
+            for acc in self.acc:
+                acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
+
+    # ---- the model's math (once; the reference and the fused loop both call it) -------------------
+    def _encode(self, rows, weights):
+        """User vectors from contexts: ``rows``/``weights`` [B, L] -> [B, d] (zero for an empty context)."""
+        return self._pool(tf.gather(self.E_in, rows), weights)
+
+    @staticmethod
+    def _pool(emb, weights):
+        w = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-9)
+        return tf.einsum("bl,bld->bd", w, emb)
+
+    def _scores(self, rows, weights):
+        """[B, capacity]: every item's score for each context."""
+        q = self._encode(rows, weights) / self.cfg.sequence_temperature
+        return tf.matmul(q, self.E_out, transpose_b=True) + self.b
+
+    def _train(self, ctx_rows, ctx_w, item, weight, neg):
+        """One optimizer step: sampled softmax of each pair's item against the shared negatives ``neg`` [M].
+        Pairs of weight 0 (padding) change nothing. Returns the weighted mean loss."""
+        emb = tf.gather(self.E_in, ctx_rows)                     # [P, L, d]
+        out_p, out_n = tf.gather(self.E_out, item), tf.gather(self.E_out, neg)
+        b_p, b_n = tf.gather(self.b, item), tf.gather(self.b, neg)
+        with tf.GradientTape() as tape:
+            tape.watch([emb, out_p, out_n, b_p, b_n])
+            q = self._pool(emb, ctx_w) / self.cfg.sequence_temperature
+            pos = tf.reduce_sum(q * out_p, -1) + b_p                                   # [P]
+            negl = tf.matmul(q, out_n, transpose_b=True) + b_n                         # [P, M]
+            negl = tf.where(tf.equal(item[:, None], neg[None, :]), -1e9, negl)         # a sampled positive
+            pair_loss = tf.reduce_logsumexp(tf.concat([pos[:, None], negl], 1), 1) - pos
+            loss = tf.reduce_sum(weight * pair_loss)
+        g_emb, g_p, g_n, g_bp, g_bn = tape.gradient(loss, [emb, out_p, out_n, b_p, b_n])
+        self._adagrad(0, tf.reshape(ctx_rows, [-1]), tf.reshape(g_emb, [-1, self.cfg.dim]))
+        self._adagrad(1, tf.concat([item, neg], 0), tf.concat([g_p, g_n], 0))
+        self._adagrad(2, tf.concat([item, neg], 0), tf.concat([g_bp, g_bn], 0))
+        return loss / tf.maximum(tf.reduce_sum(weight), 1e-9)
+
+    def _adagrad(self, j: int, rows, grad):
+        """Sparse Adagrad on the gathered rows (duplicate rows: each occurrence applies its own share)."""
+        var, acc = (self.E_in, self.E_out, self.b)[j], self.acc[j]
+        acc.scatter_add(tf.IndexedSlices(grad * grad, rows))
+        var.scatter_sub(tf.IndexedSlices(self.cfg.sequence_learning_rate * grad * tf.math.rsqrt(tf.gather(acc, rows)), rows))
+
+    # ---- the reference path: one micro-batch, one window at a time --------------------------------
+    def _compile(self) -> None:
+        d = None
+        i32, f32 = tf.int32, tf.float32
+        self._train_fn = tf.function(self._train, autograph=False, input_signature=[
+            tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32),
+            tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32)])
+        self._scores_fn = tf.function(self._scores, autograph=False, input_signature=[
+            tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32)])
+        self._xla_calls: dict[int, object] = {}
+
+    def _register(self, inc: Increment, step: int, protect_from: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Look up the increment's user and items (admission, recency), note seen items; (rows, weights, kept)."""
+        u = self.users.lookup(inc.user_id, inc.window_end, step, inc.events, protect_from)
+        kept = bool(u) or inc.user_id in self.users.pending   # as for BPR: pending users keep a history too
+        seen = self.seen.setdefault(inc.user_id, set()) if kept else None
+        rows, weights, new = [], [], []
+        for item, weight, count in zip(inc.items, inc.weights, inc.counts):
+            i = self.items.lookup(item, inc.window_end, step, count, protect_from)
+            if i and seen is not None and i not in seen:
+                seen.add(i)
+                new.append(i)
+            if weight > 0:
+                rows.append(i)
+                weights.append(np.log1p(weight))
+        if new:
+            self._seen_arrays.extend(inc.user_id, new)
+        return np.asarray(rows, np.int32), np.asarray(weights, np.float32), kept
+
+    def _pairs(self, batch: Sequence[Increment], step: int, protect_from: int | None = None):
+        """The micro-batch's positive pairs, each with its user's context *before* the increment; then the
+        increments join their users' histories. Returns (ctx_rows [P, L], ctx_w [P, L], items [P], weights [P])."""
+        L = self.cfg.history
+        ctx_r, ctx_w, items, weights = [], [], [], []
+        for inc in batch:
+            rows, ws, kept = self._register(inc, step, protect_from)
+            if not kept:
+                continue
+            r, w = self.history.context(inc.user_id)
+            if w.any() and len(rows):
+                ctx_r.append(np.broadcast_to(r, (len(rows), L)))
+                ctx_w.append(np.broadcast_to(w, (len(rows), L)))
+                items.append(rows)
+                weights.append(ws)
+            if len(rows):
+                self.history.append(inc.user_id, rows, ws)
+        self._forget_evicted()
+        if not items:
+            return (np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), np.zeros(0, np.int32),
+                    np.zeros(0, np.float32))
+        return (np.concatenate(ctx_r), np.concatenate(ctx_w), np.concatenate(items), np.concatenate(weights))
+
+    def _negatives(self) -> np.ndarray:
+        """``sequence_negatives`` item rows, uniform over the items that have a row now (shared by a step)."""
+        live = self.items.live_rows()
+        if len(live) == 0:
+            return np.zeros(self.cfg.sequence_negatives, np.int32)
+        return live[self._rngs["neg"].integers(0, len(live), size=self.cfg.sequence_negatives)].astype(np.int32)
+
+    def observe(self, batch: Sequence[Increment]) -> None:
+        """Frozen: known users' seen items and histories grow; no new ids, no parameter change."""
+        for inc in batch:
+            seen = self.seen.get(inc.user_id)
+            if seen is None:
+                continue
+            rows = [(self.items.get(item), w) for item, w in zip(inc.items, inc.weights)]
+            rows = [(i, w) for i, w in rows if i is not None]
+            seen.update(i for i, _ in rows)
+            self._seen_arrays.drop(inc.user_id)
+            positive = [(i, np.log1p(w)) for i, w in rows if w > 0]
+            if positive:
+                self.history.append(inc.user_id, [i for i, _ in positive], [w for _, w in positive])
+        self.steps += 1
+
+    def learn_many(self, batch: Sequence[Increment]) -> StepStats:
+        started = time.perf_counter()
+        ctx_r, ctx_w, items, weights = self._pairs(batch, self.steps)
+        self.steps += 1
+        self._grow()
+        self._reinit_reused()
+        if len(items) == 0:
+            return StepStats(0.0, 0, time.perf_counter() - started)
+        with tf.device(self.device):
+            loss = self._train_fn(ctx_r, ctx_w, items, weights, self._negatives())
+        self.version += 1
+        return StepStats(float(loss), len(items), time.perf_counter() - started)
+
+    def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
+        if not users or self.n_items == 0:
+            return [Recommendation([], []) for _ in users]
+        rows, weights = self.history.contexts(users)
+        with tf.device(self.device):
+            scores = self._scores_fn(rows, weights).numpy()
+        live = np.zeros(scores.shape[1], bool)
+        live[self.items.live_rows()] = True
+        scores[:, ~live] = -np.inf
+        out = []
+        for j, user in enumerate(users):
+            row = scores[j]
+            if exclude_seen and self.seen.get(user):
+                row[np.fromiter(self.seen[user], np.int64)] = -np.inf
+            top = np.argsort(-row, kind="stable")[:k]
+            top = top[np.isfinite(row[top])]
+            out.append(Recommendation([self.items.ids[i] for i in top], row[top].astype(np.float64).tolist()))
+        return out
+
+    # ---- fused: every window of a call in one XLA program ------------------------------------------
+    def warm_up(self, k: int) -> None:
+        if self.cfg.xla:
+            self._run(self._empty_work(), np.zeros(self.capacity(), np.int32), min(k, self.capacity()))
+
+    def _empty_work(self) -> _Work:
+        L, M = self.cfg.history, self.cfg.sequence_negatives
+        i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        return _Work(np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, f32, i32,
+                     np.zeros((0, M), np.int32), np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, i32,
+                     i32, i32, i32)
+
+    def learn_windows(self, windows: Sequence[tuple[int, Sequence[Increment]]], batch_size: int, k: int,
+                      exclude_seen: bool = True) -> list[WindowList]:
+        """The reference loop's result (see :class:`Recommender`) in one XLA program per up to 512 steps.
+        Python prepares every step's pairs with their contexts, negatives, and each window's users' contexts
+        and seen items; the program then runs, in order, each step's update and each window's top-K."""
+        if not self.cfg.xla:
+            return super().learn_windows(windows, batch_size, k, exclude_seen)
+        if not windows:
+            return []
+        self.maintain(windows[0][0])
+        L = self.cfg.history
+        parts = {name: [] for name in ("ctx_r", "ctx_w", "item", "weight", "neg", "list_r", "list_w", "excl_rec",
+                                       "excl_item")}
+        pair_end, rec_end, excl_end, visible, due = [], [], [], [], []
+        n_pairs = n_recs = n_excl = 0
+        version, step0 = self.version, self.steps
+        for window_end, increments in windows:
+            chunks = micro_batches(increments, batch_size)
+            frozen = self.frozen_at(window_end)
+            for c, chunk in enumerate(chunks):
+                step = self.steps
+                if frozen:
+                    self.observe(chunk)
+                    n = 0
+                else:
+                    ctx_r, ctx_w, items, weights = self._pairs(chunk, step, protect_from=step0)
+                    self.steps += 1
+                    n = len(items)
+                    for name, a in zip(("ctx_r", "ctx_w", "item", "weight"), (ctx_r, ctx_w, items, weights)):
+                        parts[name].append(a)
+                parts["neg"].append(self._negatives() if n else np.zeros(self.cfg.sequence_negatives, np.int32))
+                if n:
+                    version += 1
+                n_pairs += n
+                pair_end.append(n_pairs)
+                if c == len(chunks) - 1:
+                    users = list(dict.fromkeys(inc.user_id for inc in increments))
+                    rows, weights = self.history.contexts(users)
+                    parts["list_r"].append(rows)
+                    parts["list_w"].append(weights)
+                    for user in users:
+                        seen = self.seen.get(user) if exclude_seen else None
+                        if seen:
+                            parts["excl_rec"].append(np.full(len(seen), n_recs, np.int32))
+                            parts["excl_item"].append(self._seen_arrays.view(user, seen))
+                            n_excl += len(seen)
+                        due.append((user, window_end, version))
+                        n_recs += 1
+                rec_end.append(n_recs)
+                excl_end.append(n_excl)
+                visible.append(step - step0)
+        self._grow()
+        self._reinit_reused()
+        born = np.full(self.capacity(), 1 << 30, np.int64)
+        born[: self.items.high] = np.clip(self.items.born[: self.items.high] - step0, -(1 << 30), 1 << 30)
+        cat = lambda name, dtype, shape: (np.concatenate(parts[name]).astype(dtype) if parts[name]  # noqa: E731
+                                          else np.zeros(shape, dtype))
+        work = _Work(cat("ctx_r", np.int32, (0, L)), cat("ctx_w", np.float32, (0, L)), cat("item", np.int32, (0,)),
+                     cat("weight", np.float32, (0,)), np.asarray(pair_end, np.int32),
+                     np.stack(parts["neg"]).astype(np.int32), cat("list_r", np.int32, (0, L)),
+                     cat("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32), cat("excl_rec", np.int32, (0,)),
+                     cat("excl_item", np.int32, (0,)), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32))
+        values, indices = self._run(work, born.astype(np.int32), min(k, self.capacity()))
+        self.version = version
+        out, ids = [], self.items.ids
+        for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
+            ok = np.isfinite(v_row)
+            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row[ok].tolist()],
+                                                                   v_row[ok].astype(np.float64).tolist()), ver))
+        return out
+
+    def _run(self, work: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The call's steps through the compiled program, in parts that fit its fixed shapes; a step with more
+        pairs than the largest block goes through the plain graph path (same math)."""
+        out_v, out_i = [], []
+        sizes = np.diff(work.pair_end, prepend=0)
+        s0, n_steps = 0, len(work.pair_end)
+        with tf.device(self.device):
+            if n_steps == 0:     # compile only
+                self._xla_part(work, item_born, k)
+            while s0 < n_steps:
+                s1 = xb.span(sizes, (work.pair_end, work.rec_end, work.excl_end), (XLA_PAIRS, XLA_LISTS, XLA_EXCL), s0)
+                part = self._xla_part if s1 > s0 else self._plain_part
+                s1 = max(s1, s0 + 1)
+                v, i = part(work.part(s0, s1), item_born, k)
+                out_v.append(v)
+                out_i.append(i)
+                s0 = s1
+        if not out_v:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+        return np.concatenate(out_v), np.concatenate(out_i)
+
+    def _plain_part(self, w: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One step without the compiled program: its update, then its lists."""
+        if len(w.item):
+            self._train_fn(w.ctx_rows, w.ctx_w, w.item, w.weight, w.neg[0])
+        scores = self._scores_fn(w.list_rows, w.list_w).numpy()
+        scores[:, item_born > w.visible[0]] = -np.inf
+        scores[w.excl_rec, w.excl_item] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, 1), top.astype(np.int32)
+
+    def _xla_part(self, w: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        pad = xb.pad
+        n_lists = len(w.list_rows)
+        list_excl_end = np.cumsum(np.bincount(w.excl_rec, minlength=n_lists)[:n_lists]).astype(np.int32)
+        values, indices = self._xla_program(k)(*(tf.convert_to_tensor(a) for a in (
+            pad(w.ctx_rows, XLA_PAIRS_PAD), pad(w.ctx_w, XLA_PAIRS_PAD), pad(w.item, XLA_PAIRS_PAD),
+            pad(w.weight, XLA_PAIRS_PAD), pad(w.pair_end, XLA_STEPS), pad(w.neg, XLA_STEPS),
+            pad(w.rec_end, XLA_STEPS), pad(w.visible, XLA_STEPS), np.int32(len(w.pair_end)),
+            pad(w.list_rows, XLA_LISTS_PAD), pad(w.list_w, XLA_LISTS_PAD), pad(list_excl_end, XLA_LISTS_PAD),
+            pad(w.excl_rec, XLA_EXCL_PAD), pad(w.excl_item, XLA_EXCL_PAD), item_born)))
+        return values.numpy()[:n_lists], indices.numpy()[:n_lists]
+
+    def _xla_program(self, k: int):
+        if k in self._xla_calls:
+            return self._xla_calls[k]
+        L, M, cap = self.cfg.history, self.cfg.sequence_negatives, self.capacity()
+        take, start, bucket, once = xb.take, xb.start, xb.bucket, xb.once
+
+        def program(ctx_rows, ctx_w, item, weight, pair_end, neg, rec_end, visible, n_steps, list_rows, list_w,
+                    list_excl_end, excl_rec, excl_item, item_born):
+            def learn(size, s, a, n):
+                def run():
+                    mask = tf.cast(tf.range(size) < n, tf.float32)
+                    self._train(take(ctx_rows, a, size), take(ctx_w, a, size), take(item, a, size),
+                                take(weight, a, size) * mask, tf.gather(neg, s))
+                    return ()
+                return run
+
+            def score(rows, weights, s):
+                scores = self._scores(rows, weights)
+                return tf.where(item_born[None, :] <= tf.gather(visible, s), scores, float("-inf"))
+
+            def step(s, out_v, out_i):
+                a = start(pair_end, s)
+                n = tf.gather(pair_end, s) - a
+                chosen = tf.where(n > 0, bucket(n, PAIR_BLOCKS), -1)
+                for j, size in enumerate(PAIR_BLOCKS):
+                    once(chosen == j, learn(size, s, a, n))
+                out_v, out_i = xb.list_step(s, rec_end, lambda r, size: score(take(list_rows, r, size),
+                                                                              take(list_w, r, size), s),
+                                            list_excl_end, excl_rec, excl_item, cap, k, out_v, out_i)
+                return s + 1, out_v, out_i
+
+            _, out_v, out_i = tf.while_loop(
+                lambda s, ov, oi: s < n_steps, step,
+                [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], float("-inf")), tf.zeros([XLA_LISTS_PAD, k], tf.int32)],
+                parallel_iterations=1)
+            return out_v, out_i
+
+        i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
+        f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
+        P, R, E = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
+        compiled = tf.function(program, jit_compile=True, autograph=False, input_signature=[
+            i32(P, L), f32(P, L), i32(P), f32(P), i32(XLA_STEPS), i32(XLA_STEPS, M), i32(XLA_STEPS), i32(XLA_STEPS),
+            i32(), i32(R, L), f32(R, L), i32(R), i32(E), i32(E), i32(cap)])
+        self._xla_calls[k] = compiled.get_concrete_function()
+        return self._xla_calls[k]
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        n = self.items.high
+        return {"item_context_emb": self.E_in.numpy()[:n], "item_emb": self.E_out.numpy()[:n],
+                "item_bias": self.b.numpy()[:n], **{f"adagrad_{j}": a.numpy()[:n] for j, a in enumerate(self.acc)},
+                "counters": np.asarray([self.version, self.steps, self._next_expiry], np.int64),
+                **self.users.state("users"), **self.items.state("items"), **pack_seen(self.seen),
+                **self.history.state(),
+                "rng_state": np.frombuffer(json.dumps({k: r.bit_generator.state for k, r in self._rngs.items()}).encode(),
+                                           np.uint8),
+                "config": np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8)}
+
+    @classmethod
+    def from_state(cls, z, cfg: ModelConfig) -> "SequenceModel":
+        model = cls(cfg)
+        model.users = IdTable.from_state(z, "users", cfg.max_users, cfg.admit_after)
+        model.items = IdTable.from_state(z, "items", cfg.max_items, cfg.admit_after)
+        model._grow()
+        n = model.items.high
+        with tf.device(model.device):
+            for var, name in zip(model._variables(), ("item_context_emb", "item_emb", "item_bias", "adagrad_0",
+                                                      "adagrad_1", "adagrad_2")):
+                var[:n].assign(z[name])
+        model.seen = unpack_seen(z)
+        model.history = UserHistory.from_state(z, cfg.history, cfg.history_decay)
+        model.version, model.steps, model._next_expiry = (int(x) for x in z["counters"])
+        for name, state in json.loads(bytes(z["rng_state"]).decode()).items():
+            model._rngs[name].bit_generator.state = state
+        return model
