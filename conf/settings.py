@@ -162,6 +162,7 @@ class ModelConfig:
     sequence_temperature: float = 0.5       # sequence: user vectors are divided by this before scoring
     popularity_half_life_ms: int = 0        # recent-popularity (and transition's popularity mix): 0 = cumulative
     transition_alpha: float = 0.5           # transition: counts / (times the source item was followed + 1) ** alpha
+    transition_symmetric: float = 0.5       # transition: weight of the reverse order (co-occurrence either way)
     transition_popularity: float = 0.1      # transition: weight of the popularity share mixed into every score
     transition_max_items: int = 8192        # transition: rows of its dense count matrix (8192^2 float32 = 256 MiB)
 
@@ -189,8 +190,8 @@ class ModelConfig:
         _require(self.popularity_half_life_ms >= 0, "model.popularity_half_life_ms must be >= 0 (0: cumulative)")
         _require(not (self.kind == "recent-popularity" and self.popularity_half_life_ms == 0),
                  "model.kind recent-popularity needs model.popularity_half_life_ms > 0 (e.g. 86400000, one day)")
-        _require(self.transition_alpha >= 0 and self.transition_popularity >= 0,
-                 "model.transition_alpha and model.transition_popularity must be >= 0")
+        _require(min(self.transition_alpha, self.transition_popularity, self.transition_symmetric) >= 0,
+                 "model.transition_alpha, transition_popularity and transition_symmetric must be >= 0")
         _require(self.transition_max_items >= 2, "model.transition_max_items must be >= 2")
 
 

@@ -6,9 +6,11 @@ recent history (:class:`~freshet.models.history.UserHistory`: the last ``model.h
 weighted by behaviour weight and ``model.history_decay ** age`` in increments). A user's list scores
 item ``i`` as
 
-    sum_j a_j * T[h_j, i] / (n_j + 1) ** transition_alpha  /  sum_j a_j   +   transition_popularity * pop_i
+    sum_j a_j * (T[h_j, i] + s * T[i, h_j]) / (n_j + 1) ** transition_alpha  /  sum_j a_j
+        +  transition_popularity * pop_i
 
-where ``T[h, i]`` is the decayed count of ``i`` following ``h``, ``n_j`` how much ``h_j`` was followed by
+where ``T[h, i]`` is the decayed count of ``i`` following ``h`` (``s = model.transition_symmetric`` adds
+the counts of ``h_j`` following ``i``: co-occurrence in either order), ``n_j`` how much ``h_j`` was followed by
 anything (``alpha`` between 0, raw counts, and 1, conditional frequencies) and ``pop_i`` the item's share of
 all weight (:class:`~freshet.models.popularity.Popularity`, with its half-life). Users with no history
 get the popularity list. Updated online, once per increment; nothing is learned by gradient.
@@ -110,7 +112,10 @@ class Transition(Recommender):
         norm = (self.out[rows] + 1.0) ** self.cfg.transition_alpha           # [U, L]
         a = weights / np.maximum(weights.sum(1, keepdims=True), 1e-12) / norm
         out = np.tile(pop, (len(users), 1))
-        out[:, :m] += np.einsum("ul,uln->un", a, self.T[rows, :m])
+        counts = self.T[rows, :m]                                           # [U, L, m]
+        if self.cfg.transition_symmetric > 0:
+            counts = counts + self.cfg.transition_symmetric * self.T[:m, rows].transpose(1, 2, 0)
+        out[:, :m] += np.einsum("ul,uln->un", a, counts)
         return out
 
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:

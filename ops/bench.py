@@ -200,22 +200,32 @@ def measure(events: int, lists: list[dict], closed: np.ndarray, written: np.ndar
 
 def run_bounded(cfg: Config, system: System, events: int, workdir: Path, log=print) -> dict:
     """Run one system over the whole input topic, as fast as it goes; its figures."""
+    return run_bounded_with_lists(cfg, system, events, workdir, log)[0]
+
+
+def run_bounded_with_lists(cfg: Config, system: System, events: int, workdir: Path, log=print,
+                           progress_every_s: float = 2.0) -> tuple[dict, list[dict]]:
+    """:func:`run_bounded`, also returning the lists the job wrote (for the evaluator)."""
     kafka_io.ensure_topics(cfg, topic_config={cfg.kafka.output_topic: LOG_APPEND_TIME})
     launched_ms = int(time.time() * 1000)
     started = time.monotonic()
     proc = start_job(cfg, workdir / f"{system.name}.yaml", bounded=True, reference=system.reference)
     monitor = ProcessTreeMonitor(proc.pid)
     monitor.start()
+    last_progress = 0.0
     while proc.poll() is None:
-        time.sleep(2)
-        log(f"  [{time.monotonic() - started:5.0f}s] {system.name} running; output topic at "
-            f"{sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values()):,} records")
+        time.sleep(1)
+        if time.monotonic() - last_progress >= progress_every_s:
+            last_progress = time.monotonic()
+            log(f"  [{last_progress - started:5.0f}s] {system.name} running; output topic at "
+                f"{sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values()):,} records")
     monitor.stop()
     wall = time.monotonic() - started
     if proc.returncode != 0:
         tail = (workdir / f"{system.name}.log").read_text()[-3000:]
         raise RuntimeError(f"{system.name} job failed (exit {proc.returncode}):\n{tail}")
-    return measure(events, *read_output(cfg), launched_ms, monitor, wall)
+    lists, closed, written, dead = read_output(cfg)
+    return measure(events, lists, closed, written, dead, launched_ms, monitor, wall), lists
 
 
 def run_paced(cfg: Config, system: System, df: pd.DataFrame, rate: float, seconds: float, workdir: Path,

@@ -1,47 +1,54 @@
-"""Quality of the online model next to its baselines, all through the real pipeline in one run.
+"""Quality and speed of every model kind next to its baselines, all through the real pipeline in one run.
 
 The log is replayed once into a fresh input topic; then each system runs as its own bounded job
-(Kafka -> Flink -> Kafka) on that same topic with its own output topic, and every output is scored
-by the same prequential evaluator (CONTRACTS §3). Results: JSON, a Markdown table, a PNG plot.
+(Kafka -> Flink -> Kafka) on that same topic with its own output topic, one after another, measured
+like ``freshet bench`` measures (events/s, CPU seconds and peak RSS of the job's process tree), and
+every output is scored by the same prequential evaluator (CONTRACTS §3). Results: JSON, a Markdown
+table, a PNG plot of HR@10 per day.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from freshet.conf.settings import Config, dump_config
+from freshet.conf.settings import Config
 from freshet.models.evaluation import evaluate
 from freshet.ops import kafka_io, replay, vendor
+from freshet.ops.bench import System, run_bounded_with_lists, system_config
 
 FROZEN_SHARE = 0.2   # the frozen model learns from the first 20 % of the log (CONTRACTS §3)
 SYNC_CADENCES = {"10min": 600_000, "1h": 3_600_000, "1d": 86_400_000}   # 10 min = every 10 one-minute windows
+# recent-popularity's half-life, tuned with `freshet tune` on both MovieLens logs (docs/results/tune-baselines.json)
+RECENT_HALF_LIFE_MS = 30 * 86_400_000
+DEFAULT_SYSTEMS = "sequence,bpr,transition,recent-popularity,popularity,frozen"
 
 
-@dataclass(frozen=True)
-class System:
-    name: str
-    overrides: dict          # config sections -> keys, applied on top of the base config
-    description: str
-
-
-def systems_for(df: pd.DataFrame) -> dict[str, System]:
+def systems_for(df: pd.DataFrame, cfg: Config) -> dict[str, System]:
     cutoff = int(df["ts"].quantile(FROZEN_SHARE))
+    kind = cfg.model.kind
     return {
-        "online": System("online", {}, "Freshet's online model, updated every window"),
-        "popularity": System("popularity", {"model": {"kind": "popularity"}},
-                             "cumulative popularity, same seen-item filter and window cadence"),
-        "frozen": System("frozen", {"model": {"freeze_after_ms": cutoff}},
-                         f"the online model frozen after the first {FROZEN_SHARE:.0%} of the log (ts {cutoff})"),
+        "sequence": System("sequence", "the sequence model: the user's last items -> next window (sampled softmax)",
+                           {"model": {"kind": "sequence"}}),
+        "bpr": System("bpr", "online BPR matrix factorisation", {"model": {"kind": "bpr"}}),
+        "online": System("online", f"the configured model ({kind}), updated every window", {}),
+        "transition": System("transition", "counted item-to-item transitions from the user's last items, "
+                                           "co-occurrence either way, mixed with popularity",
+                             {"model": {"kind": "transition"}}),
+        "recent-popularity": System("recent-popularity", f"popularity with a {RECENT_HALF_LIFE_MS // 86_400_000}-day "
+                                                         "half-life, same seen-item filter and window cadence",
+                                    {"model": {"kind": "recent-popularity",
+                                               "popularity_half_life_ms": RECENT_HALF_LIFE_MS}}),
+        "popularity": System("popularity", "cumulative popularity, same seen-item filter and window cadence",
+                             {"model": {"kind": "popularity"}}),
+        "frozen": System("frozen", f"the configured model ({kind}) frozen after the first {FROZEN_SHARE:.0%} of the "
+                                   f"log (ts {cutoff})", {"model": {"freeze_after_ms": cutoff}}),
         # Update cadences (Monolith, Table 2): training never stops, but lists are served from
-        # parameters synced every T of event time; "online" syncs after every micro-batch.
-        **{f"sync-{label}": System(f"sync-{label}", {"model": {"sync_every_ms": ms}},
-                                   f"the online model serving parameters synced every {label} of event time")
+        # parameters synced every T of event time; "online" syncs after every micro-batch (BPR only).
+        **{f"sync-{label}": System(f"sync-{label}", f"BPR serving parameters synced every {label} of event time",
+                                   {"model": {"kind": "bpr", "sync_every_ms": ms}})
            for label, ms in SYNC_CADENCES.items()},
     }
 
@@ -49,14 +56,15 @@ def systems_for(df: pd.DataFrame) -> dict[str, System]:
 def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=print) -> dict:
     from freshet.ops.kafka_local import LocalKafka
     started = time.monotonic()
-    if cfg.kafka.bootstrap_servers == f"127.0.0.1:{cfg.local.kafka_port}":
-        LocalKafka(cfg).start(log)
     df = replay.load_log(vendor.ensure_dataset(cfg.local.home_path(), dataset, log), "movielens")
-    available = systems_for(df)
+    available = systems_for(df, cfg)
     unknown = [s for s in systems if s not in available]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; known: {', '.join(available)}")
+    if cfg.kafka.bootstrap_servers == f"127.0.0.1:{cfg.local.kafka_port}":
+        LocalKafka(cfg).start(log)
     tag = f"compare-{dataset}-{int(time.time())}"
+    workdir = cfg.local.home_path() / "compare" / tag
     # Lists of 20 items so HR@20 is measured too; their first 10 are exactly the K=10 lists.
     base = cfg.replace(kafka={"input_topic": f"{tag}-events", "output_topic": f"{tag}-recs",
                               "dlq_topic": f"{tag}-dlq", "metrics_topic": f"{tag}-metrics"}, model={"k": max(cfg.model.k, 20)})
@@ -64,56 +72,42 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     log(str(replay.replay(base, df)))
     events = list(zip(df["user_id"], df["item_id"], df["ts"]))
     results = {}
-    for name in systems:
-        system = available[name]
-        sections = {section: dict(values) for section, values in system.overrides.items()}
-        sections.setdefault("kafka", {}).update({"output_topic": f"{tag}-recs-{name}", "dlq_topic": f"{tag}-dlq-{name}",
-                                                 "metrics_topic": f"{tag}-metrics-{name}",
-                                                 "group_id": f"{tag}-{name}"})
-        sections.setdefault("flink", {})["transactional_id_prefix"] = f"{tag}-{name}"
-        scfg = base.replace(**sections)
-        log(f"\n== {name}: {system.description}")
-        job_s = _run_in_own_process(scfg, out_dir / f".{tag}-{name}.yaml", log)
-        recs = kafka_io.read_json(scfg, scfg.kafka.output_topic)
-        dead = kafka_io.read_json(scfg, scfg.kafka.dlq_topic)
-        if not recs or dead:
-            log(f"WARNING: {name} wrote {len(recs)} lists and {len(dead)} dead letters "
-                f"(first reasons: {[d['reason'] for d in dead[:3]]})")
-        result = evaluate(events, recs, ks=(10, 20))
-        results[name] = {"description": system.description, "job_seconds": round(job_s, 1), "lists": len(recs),
-                         "dead_letters": len(dead),
-                         **{k: round(v, 5) for k, v in result.overall.items()},
-                         "by_day": {str(d): m["HR@10"] for d, m in sorted(result.by_day.items())}}
-        log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
-            f"HR@20 {result.overall['HR@20']:.4f}  coverage {result.overall['coverage']:.1%}  ({len(recs):,} lists)")
+    created = list(base.kafka.topics())
+    try:
+        for j, name in enumerate(systems, 1):
+            system = available[name]
+            scfg = system_config(base, tag, system)
+            created += scfg.kafka.topics()[1:]
+            log(f"\n== [{j}/{len(systems)}] {name}: {system.description}")
+            speed, recs = run_bounded_with_lists(scfg, system, len(df), workdir, log, progress_every_s=30.0)
+            if not recs or speed["dead_letters"]:
+                log(f"WARNING: {name} wrote {len(recs)} lists and {speed['dead_letters']} dead letters")
+            result = evaluate(events, recs, ks=(10, 20))
+            results[name] = {"description": system.description, "kind": scfg.model.kind, "lists": len(recs),
+                             "dead_letters": speed["dead_letters"],
+                             **{k: round(v, 5) for k, v in result.overall.items()},
+                             "events_per_s": speed["events_per_s"], "processing_s": speed["processing_s"],
+                             "cpu_s": speed["cpu_s"], "peak_rss_mib": speed["peak_rss_mib"],
+                             "job_seconds": speed["wall_s"],
+                             "by_day": {str(d): m["HR@10"] for d, m in sorted(result.by_day.items())}}
+            log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
+                f"HR@20 {result.overall['HR@20']:.4f}  coverage {result.overall['coverage']:.1%}  ({len(recs):,} lists; "
+                f"{speed['events_per_s']:,.0f} events/s, {speed['cpu_s']:.0f} CPU s)")
+    finally:
+        kafka_io.delete_topics(base, created)
     report = {"dataset": dataset, "events": len(df), "window_ms": cfg.window.size_ms,
               "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
               "wall_seconds": round(time.monotonic() - started, 1)}
     write_report(report, out_dir, log)
-    kafka_io.delete_topics(base, base.kafka.topics() + [f"{tag}-{x}-{n}" for n in systems for x in ("recs", "dlq", "metrics")])
     return report
 
 
-def _run_in_own_process(cfg: Config, config_file: Path, log=print) -> float:
-    """One job per process: a second job on the same PyFlink gateway in one process does not run cleanly."""
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, config_file)
-    started = time.monotonic()
-    try:
-        done = subprocess.run([sys.executable, "-m", "freshet.scripts.cli", "run", "--bounded", "--config",
-                               str(config_file)], capture_output=True, text=True)
-    finally:
-        config_file.unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"job failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return time.monotonic() - started
-
-
 def markdown_table(report: dict) -> str:
-    rows = ["| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | job s |", "|---|---|---|---|---|---|---|"]
+    rows = ["| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | events/s | CPU s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["systems"].items():
         rows.append(f"| {name} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['HR@20']:.4f} | {r['coverage']:.1%} | "
-                    f"{r['lists']:,} | {r['job_seconds']} |")
+                    f"{r['lists']:,} | {r.get('events_per_s', 0):,.0f} | {r.get('cpu_s', '')} | {r.get('peak_rss_mib', '')} |")
     return "\n".join(rows)
 
 

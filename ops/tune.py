@@ -56,14 +56,26 @@ def score(cfg: Config, df: pd.DataFrame, windows, chunk: int = 100) -> dict:
 
 
 def parse_grid(spec: list[str]) -> list[dict]:
-    """``["learning_rate=0.2,0.4", "negatives=8"]`` -> every combination, values parsed as numbers."""
+    """``["learning_rate=0.2,0.4", "kind=bpr"]`` -> every combination; values parsed as JSON (numbers,
+    booleans), else kept as text.
+
+    >>> parse_grid(["kind=bpr,sequence", "dim=16"])
+    [{'kind': 'bpr', 'dim': 16}, {'kind': 'sequence', 'dim': 16}]
+    """
     axes = []
     for item in spec:
         key, _, values = item.partition("=")
         if not values:
             raise ValueError(f"grid axis {item!r} must look like key=v1,v2")
-        axes.append([(key, json.loads(v)) for v in values.split(",")])
+        axes.append([(key, _value(v)) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def tune(cfg: Config, df: pd.DataFrame, grid: list[dict], out: Path | None, log=print) -> list[dict]:
