@@ -157,9 +157,10 @@ class ModelConfig:
     # behaviour weight times history_decay ** (the user's increments since).
     history: int = 20
     history_decay: float = 0.7
-    sequence_negatives: int = 2048          # sequence: items sampled per micro-batch, shared by its pairs' softmax
+    sequence_negatives: int = 512           # sequence: items sampled per micro-batch, shared by its pairs' softmax
     sequence_learning_rate: float = 0.1     # sequence: Adagrad step size
     sequence_temperature: float = 0.5       # sequence: user vectors are divided by this before scoring
+    sequence_memory_items: int = 8192       # sequence: items with counted transitions, a learned feature (0: none)
     popularity_half_life_ms: int = 0        # recent-popularity (and transition's popularity mix): 0 = cumulative
     transition_alpha: float = 0.5           # transition: counts / (times the source item was followed + 1) ** alpha
     transition_symmetric: float = 0.5       # transition: weight of the reverse order (co-occurrence either way)
@@ -187,6 +188,7 @@ class ModelConfig:
         _require(self.sequence_negatives >= 1, f"model.sequence_negatives must be >= 1, got {self.sequence_negatives}")
         _require(self.sequence_learning_rate > 0 and self.sequence_temperature > 0,
                  "model.sequence_learning_rate and model.sequence_temperature must be > 0")
+        _require(self.sequence_memory_items >= 0, "model.sequence_memory_items must be >= 0 (0: no memory)")
         _require(self.popularity_half_life_ms >= 0, "model.popularity_half_life_ms must be >= 0 (0: cumulative)")
         _require(not (self.kind == "recent-popularity" and self.popularity_half_life_ms == 0),
                  "model.kind recent-popularity needs model.popularity_half_life_ms > 0 (e.g. 86400000, one day)")

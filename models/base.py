@@ -148,3 +148,21 @@ def pack_seen(seen: Mapping[str, set[int]]) -> dict[str, np.ndarray]:
 def unpack_seen(z: Mapping[str, np.ndarray]) -> dict[str, set[int]]:
     ptr, items = z["seen_ptr"], z["seen_items"]
     return {str(u): set(int(i) for i in items[ptr[j]:ptr[j + 1]]) for j, u in enumerate(z["seen_users"])}
+
+
+def pack_dense(matrix: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """A mostly-zero square matrix as its shape and non-zero entries (flat positions, values).
+
+    >>> z = pack_dense(np.array([[0, 2.5], [0, 0]], np.float32), "m"); unpack_dense(z, "m").tolist()
+    [[0.0, 2.5], [0.0, 0.0]]
+    """
+    flat = np.flatnonzero(matrix)
+    small = matrix.size < 2 ** 31
+    return {f"{name}_shape": np.asarray(matrix.shape, np.int64), f"{name}_at": flat.astype(np.int32 if small else np.int64),
+            f"{name}_values": matrix.reshape(-1)[flat]}
+
+
+def unpack_dense(z: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    out = np.zeros(int(np.prod(z[f"{name}_shape"])), np.float32)
+    out[z[f"{name}_at"]] = z[f"{name}_values"]
+    return out.reshape(tuple(int(x) for x in z[f"{name}_shape"]))

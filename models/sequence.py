@@ -42,8 +42,8 @@ import numpy as np
 import tensorflow as tf
 
 from freshet.conf.settings import ModelConfig
-from freshet.models.base import (Recommendation, Recommender, StepStats, WindowList, micro_batches, pack_seen,
-                                 unpack_seen)
+from freshet.models.base import (Recommendation, Recommender, StepStats, WindowList, micro_batches, pack_dense,
+                                 pack_seen, unpack_dense, unpack_seen)
 from freshet.models.history import UserHistory
 from freshet.models.id_table import IdTable
 from freshet.models.increments import Increment
@@ -53,6 +53,8 @@ from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_
                                        XLA_PAIRS_PAD, XLA_STEPS)
 
 ADAGRAD_INIT = 0.1
+MEMORY_THETA_INIT = 1.0      # initial weight of the memory feature (learned)
+MEMORY_EPS = 0.01            # feature = log(MEMORY_EPS + normalised transition count)
 
 
 class _Work(NamedTuple):
@@ -61,6 +63,7 @@ class _Work(NamedTuple):
     ctx_w: np.ndarray       # [P, L] their weights
     item: np.ndarray        # [P] positive item row
     weight: np.ndarray      # [P] pair weight
+    feature: np.ndarray     # [P, 1 + M] memory feature of the pair's item and of the step's negatives
     pair_end: np.ndarray    # [S]
     neg: np.ndarray         # [S, M] each step's shared negatives
     list_rows: np.ndarray   # [R, L] context of each list to make
@@ -75,7 +78,7 @@ class _Work(NamedTuple):
         p0, r0, e0 = (int(a[s0 - 1]) if s0 else 0 for a in (self.pair_end, self.rec_end, self.excl_end))
         p1, r1, e1 = (int(a[s1 - 1]) for a in (self.pair_end, self.rec_end, self.excl_end))
         return _Work(self.ctx_rows[p0:p1], self.ctx_w[p0:p1], self.item[p0:p1], self.weight[p0:p1],
-                     self.pair_end[s0:s1] - p0, self.neg[s0:s1], self.list_rows[r0:r1], self.list_w[r0:r1],
+                     self.feature[p0:p1], self.pair_end[s0:s1] - p0, self.neg[s0:s1], self.list_rows[r0:r1], self.list_w[r0:r1],
                      self.rec_end[s0:s1] - r0, self.excl_rec[e0:e1] - r0, self.excl_item[e0:e1],
                      self.excl_end[s0:s1] - e0, self.visible[s0:s1])
 
@@ -104,6 +107,17 @@ class SequenceModel(Recommender):
             self.b = tf.Variable(tf.zeros([cap]), name="item_bias")
             self.acc = [tf.Variable(tf.fill(v.shape, ADAGRAD_INIT), name=f"adagrad_{j}")
                         for j, v in enumerate((self.E_in, self.E_out, self.b))]
+            # The memory: counted transitions (not trained by gradient) and the learned weight of their feature.
+            m = self._memory_size(cap)
+            self.T = tf.Variable(tf.zeros([m * m]), trainable=False, name="transitions")   # [m, m], flat
+            self.T_out = tf.Variable(tf.zeros([m]), trainable=False, name="transitions_out")
+            self.theta = tf.Variable([MEMORY_THETA_INIT if m else 0.0], name="memory_weight")
+            self.acc_theta = tf.Variable([ADAGRAD_INIT], name="adagrad_memory_weight")
+        # The same counts in numpy, read for the training pairs' features while a call is prepared (the
+        # program reads its copy, ``T``, for the lists: gathering training features in the program made XLA
+        # copy the whole matrix on every step).
+        self._counts = np.zeros((m, m), np.float32)
+        self._counts_out = np.zeros(m, np.float32)
         self._compile()
 
     # ---- tables ---------------------------------------------------------------------------------
@@ -119,6 +133,10 @@ class SequenceModel(Recommender):
     def _variables(self) -> list[tf.Variable]:
         return [self.E_in, self.E_out, self.b, *self.acc]
 
+    def _memory_size(self, capacity: int) -> int:
+        """Rows (and columns) of the transition counts: the item capacity up to ``model.sequence_memory_items``."""
+        return min(capacity, self.cfg.sequence_memory_items)
+
     def _grow(self) -> None:
         cap, n = self.capacity(), self.items.high
         if n <= cap:
@@ -133,6 +151,13 @@ class SequenceModel(Recommender):
             self.b = tf.Variable(tf.concat([self.b, tf.zeros([extra])], 0), name="item_bias")
             self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
                         for a in self.acc]
+            m_old, m = int(self.T_out.shape[0]), self._memory_size(new)
+            if m > m_old:
+                grown = tf.pad(tf.reshape(self.T, [m_old, m_old]), [[0, m - m_old], [0, m - m_old]])
+                self.T = tf.Variable(tf.reshape(grown, [-1]), trainable=False, name="transitions")
+                self._counts = np.pad(self._counts, [(0, m - m_old), (0, m - m_old)])
+                self._counts_out = np.pad(self._counts_out, [(0, m - m_old)])
+                self.T_out = tf.Variable(tf.pad(self.T_out, [[0, m - m_old]]), trainable=False, name="transitions_out")
         self._compile()
 
     def maintain(self, now: int) -> None:
@@ -166,6 +191,13 @@ class SequenceModel(Recommender):
             self.b.scatter_nd_update(at, np.zeros(len(rows), np.float32))
             for acc in self.acc:
                 acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
+            mem = [r for r in rows if r < int(self.T_out.shape[0])]
+            if mem:     # rare (evictions): a reused row starts with no transitions either way
+                self._counts[mem, :] = 0.0
+                self._counts[:, mem] = 0.0
+                self._counts_out[mem] = 0.0
+                self.T.assign(self._counts.reshape(-1))
+                self.T_out.scatter_nd_update(np.asarray(mem, np.int32)[:, None], np.zeros(len(mem), np.float32))
 
     # ---- the model's math (once; the reference and the fused loop both call it) -------------------
     def _encode(self, rows, weights):
@@ -180,27 +212,74 @@ class SequenceModel(Recommender):
     def _scores(self, rows, weights):
         """[B, capacity]: every item's score for each context."""
         q = self._encode(rows, weights) / self.cfg.sequence_temperature
-        return tf.matmul(q, self.E_out, transpose_b=True) + self.b
+        scores = tf.matmul(q, self.E_out, transpose_b=True) + self.b
+        m = int(self.T_out.shape[0])
+        if m:
+            a, h = self._memory_weights(rows, weights)
+            cols = tf.range(m)[None, None, :]
+            forward = tf.einsum("bl,blm->bm", a, tf.gather(self.T, h[:, :, None] * m + cols))   # T[h_j, :]
+            backward = tf.einsum("bl,blm->bm", a, tf.gather(self.T, cols * m + h[:, :, None]))  # T[:, h_j]
+            feature = forward + self.cfg.transition_symmetric * backward
+            feature = tf.pad(feature, [[0, 0], [0, int(self.E_out.shape[0]) - m]])
+            scores += self.theta[0] * tf.math.log(MEMORY_EPS + feature)
+        return scores
 
-    def _train(self, ctx_rows, ctx_w, item, weight, neg):
-        """One optimizer step: sampled softmax of each pair's item against the shared negatives ``neg`` [M].
+    def _memory_weights(self, rows, weights):
+        """Each context row's share of the memory feature: its weight over the context's total, divided by
+        (how often the item was followed + 1) ** transition_alpha; rows beyond the memory count nothing."""
+        m = int(self.T_out.shape[0])
+        inside = tf.cast(rows < m, tf.float32)
+        h = tf.minimum(rows, m - 1)
+        share = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-9)
+        return share * inside * tf.pow(tf.gather(self.T_out, h) + 1.0, -self.cfg.transition_alpha), h
+
+    def _train(self, ctx_rows, ctx_w, item, weight, neg, feature):
+        """One optimizer step: sampled softmax of each pair's item against the shared negatives ``neg`` [M],
+        each logit plus the learned weight times the pair's memory ``feature`` [P, 1 + M].
         Pairs of weight 0 (padding) change nothing. Returns the weighted mean loss."""
+        m = int(self.T_out.shape[0])
         emb = tf.gather(self.E_in, ctx_rows)                     # [P, L, d]
         out_p, out_n = tf.gather(self.E_out, item), tf.gather(self.E_out, neg)
         b_p, b_n = tf.gather(self.b, item), tf.gather(self.b, neg)
+        theta = tf.identity(self.theta)
         with tf.GradientTape() as tape:
-            tape.watch([emb, out_p, out_n, b_p, b_n])
+            tape.watch([emb, out_p, out_n, b_p, b_n, theta])
             q = self._pool(emb, ctx_w) / self.cfg.sequence_temperature
             pos = tf.reduce_sum(q * out_p, -1) + b_p                                   # [P]
             negl = tf.matmul(q, out_n, transpose_b=True) + b_n                         # [P, M]
+            if m:
+                pos += theta[0] * feature[:, 0]
+                negl += theta[0] * feature[:, 1:]
             negl = tf.where(tf.equal(item[:, None], neg[None, :]), -1e9, negl)         # a sampled positive
             pair_loss = tf.reduce_logsumexp(tf.concat([pos[:, None], negl], 1), 1) - pos
             loss = tf.reduce_sum(weight * pair_loss)
-        g_emb, g_p, g_n, g_bp, g_bn = tape.gradient(loss, [emb, out_p, out_n, b_p, b_n])
+        g_emb, g_p, g_n, g_bp, g_bn, g_theta = tape.gradient(loss, [emb, out_p, out_n, b_p, b_n, theta])
         self._adagrad(0, tf.reshape(ctx_rows, [-1]), tf.reshape(g_emb, [-1, self.cfg.dim]))
         self._adagrad(1, tf.concat([item, neg], 0), tf.concat([g_p, g_n], 0))
         self._adagrad(2, tf.concat([item, neg], 0), tf.concat([g_bp, g_bn], 0))
+        if m:
+            self.acc_theta.assign_add(g_theta * g_theta)
+            self.theta.assign_sub(self.cfg.sequence_learning_rate * g_theta * tf.math.rsqrt(self.acc_theta))
         return loss / tf.maximum(tf.reduce_sum(weight), 1e-9)
+
+    def _train_and_count(self, ctx_rows, ctx_w, item, weight, neg, feature):
+        loss = self._train(ctx_rows, ctx_w, item, weight, neg, feature)
+        with tf.control_dependencies([loss]):
+            self._count(ctx_rows, ctx_w, item, weight)
+        return tf.identity(loss)
+
+    def _count(self, ctx_rows, ctx_w, item, weight):
+        """The memory learns by counting: each pair's item followed each of its context items (by context
+        weight x pair weight). Kept apart from :meth:`_train`: XLA copies the whole count matrix when one
+        loop body both gathers from it and scatters into it."""
+        m = int(self.T_out.shape[0])
+        if not m:
+            return
+        h = tf.minimum(ctx_rows, m - 1)
+        counted = ctx_w * tf.cast(ctx_rows < m, tf.float32) * tf.cast(item < m, tf.float32)[:, None] * weight[:, None]
+        at = h * m + tf.minimum(item, m - 1)[:, None]
+        self.T.scatter_add(tf.IndexedSlices(tf.reshape(counted, [-1]), tf.reshape(at, [-1])))
+        self.T_out.scatter_add(tf.IndexedSlices(tf.reshape(counted, [-1]), tf.reshape(h, [-1])))
 
     def _adagrad(self, j: int, rows, grad):
         """Sparse Adagrad on the gathered rows (duplicate rows: each occurrence applies its own share)."""
@@ -212,9 +291,10 @@ class SequenceModel(Recommender):
     def _compile(self) -> None:
         d = None
         i32, f32 = tf.int32, tf.float32
-        self._train_fn = tf.function(self._train, autograph=False, input_signature=[
+        self._train_fn = tf.function(self._train_and_count, autograph=False, input_signature=[
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32),
-            tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32)])
+            tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32),
+            tf.TensorSpec([d, 1 + self.cfg.sequence_negatives], f32)])
         self._scores_fn = tf.function(self._scores, autograph=False, input_signature=[
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32)])
         self._xla_calls: dict[int, object] = {}
@@ -240,26 +320,56 @@ class SequenceModel(Recommender):
 
     def _pairs(self, batch: Sequence[Increment], step: int, protect_from: int | None = None):
         """The micro-batch's positive pairs, each with its user's context *before* the increment; then the
-        increments join their users' histories. Returns (ctx_rows [P, L], ctx_w [P, L], items [P], weights [P])."""
-        L = self.cfg.history
-        ctx_r, ctx_w, items, weights = [], [], [], []
+        increments join their users' histories. Returns per increment with a context and positives:
+        (ctx_rows [L], ctx_w [L], items [n], weights [n])."""
+        groups = []
         for inc in batch:
             rows, ws, kept = self._register(inc, step, protect_from)
             if not kept:
                 continue
             r, w = self.history.context(inc.user_id)
             if w.any() and len(rows):
-                ctx_r.append(np.broadcast_to(r, (len(rows), L)))
-                ctx_w.append(np.broadcast_to(w, (len(rows), L)))
-                items.append(rows)
-                weights.append(ws)
+                groups.append((r, w, rows, ws))
             if len(rows):
                 self.history.append(inc.user_id, rows, ws)
         self._forget_evicted()
-        if not items:
+        return groups
+
+    def _step_arrays(self, groups, neg: np.ndarray):
+        """A step's pairs as flat arrays, with each pair's memory feature [P, 1 + M] (item, then ``neg``) read
+        from the counts *before* this step; then the step's pairs are counted (the same counting as
+        :meth:`_count` does in the program, which keeps the copy the lists read)."""
+        L, M = self.cfg.history, len(neg)
+        if not groups:
             return (np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), np.zeros(0, np.int32),
-                    np.zeros(0, np.float32))
-        return (np.concatenate(ctx_r), np.concatenate(ctx_w), np.concatenate(items), np.concatenate(weights))
+                    np.zeros(0, np.float32), np.zeros((0, 1 + M), np.float32))
+        counts, out = self._counts, self._counts_out
+        m = len(out)
+        features = []
+        for r, w, items, ws in groups:
+            if not m:
+                features.append(np.zeros((len(items), 1 + M), np.float32))
+                continue
+            inside = r < m
+            h = np.minimum(r, m - 1)
+            a = w / max(float(w.sum()), 1e-9) * inside * (out[h] + 1.0) ** -self.cfg.transition_alpha
+            cand = np.concatenate([items, neg])
+            c = np.minimum(cand, m - 1)
+            f = a @ counts[h][:, c]
+            if self.cfg.transition_symmetric:
+                f += self.cfg.transition_symmetric * (a @ counts[c][:, h].T)
+            f = np.log(MEMORY_EPS + f * (cand < m)).astype(np.float32)
+            features.append(np.concatenate([f[:len(items), None], np.broadcast_to(f[len(items):], (len(items), M))], 1))
+        for r, w, items, ws in groups:     # count after every feature of the step is read, as the program does
+            if m:
+                ok = (r < m)[:, None] & (items < m)[None, :]
+                add = (w[:, None] * ws[None, :] * ok).astype(np.float32)
+                np.add.at(counts, (np.minimum(r, m - 1)[:, None], np.minimum(items, m - 1)[None, :]), add)
+                np.add.at(out, np.minimum(r, m - 1), add.sum(1))
+        return (np.concatenate([np.broadcast_to(r, (len(items), L)) for r, _, items, _ in groups]),
+                np.concatenate([np.broadcast_to(w, (len(items), L)) for _, w, items, _ in groups]),
+                np.concatenate([items for *_, items, _ in groups]), np.concatenate([ws for *_, ws in groups]),
+                np.concatenate(features))
 
     def _negatives(self) -> np.ndarray:
         """``sequence_negatives`` item rows, uniform over the items that have a row now (shared by a step)."""
@@ -285,14 +395,16 @@ class SequenceModel(Recommender):
 
     def learn_many(self, batch: Sequence[Increment]) -> StepStats:
         started = time.perf_counter()
-        ctx_r, ctx_w, items, weights = self._pairs(batch, self.steps)
+        groups = self._pairs(batch, self.steps)
         self.steps += 1
         self._grow()
         self._reinit_reused()
-        if len(items) == 0:
+        if not groups:
             return StepStats(0.0, 0, time.perf_counter() - started)
+        neg = self._negatives()
+        ctx_r, ctx_w, items, weights, feature = self._step_arrays(groups, neg)
         with tf.device(self.device):
-            loss = self._train_fn(ctx_r, ctx_w, items, weights, self._negatives())
+            loss = self._train_fn(ctx_r, ctx_w, items, weights, neg, feature)
         self.version += 1
         return StepStats(float(loss), len(items), time.perf_counter() - started)
 
@@ -323,7 +435,7 @@ class SequenceModel(Recommender):
     def _empty_work(self) -> _Work:
         L, M = self.cfg.history, self.cfg.sequence_negatives
         i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        return _Work(np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, f32, i32,
+        return _Work(np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, f32, np.zeros((0, 1 + M), np.float32), i32,
                      np.zeros((0, M), np.int32), np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, i32,
                      i32, i32, i32)
 
@@ -338,8 +450,8 @@ class SequenceModel(Recommender):
             return []
         self.maintain(windows[0][0])
         L = self.cfg.history
-        parts = {name: [] for name in ("ctx_r", "ctx_w", "item", "weight", "neg", "list_r", "list_w", "excl_rec",
-                                       "excl_item")}
+        parts = {name: [] for name in ("ctx_r", "ctx_w", "item", "weight", "feature", "neg", "list_r", "list_w",
+                                       "excl_rec", "excl_item")}
         pair_end, rec_end, excl_end, visible, due = [], [], [], [], []
         n_pairs = n_recs = n_excl = 0
         version, step0 = self.version, self.steps
@@ -352,12 +464,16 @@ class SequenceModel(Recommender):
                     self.observe(chunk)
                     n = 0
                 else:
-                    ctx_r, ctx_w, items, weights = self._pairs(chunk, step, protect_from=step0)
+                    groups = self._pairs(chunk, step, protect_from=step0)
                     self.steps += 1
-                    n = len(items)
-                    for name, a in zip(("ctx_r", "ctx_w", "item", "weight"), (ctx_r, ctx_w, items, weights)):
+                    self._grow()    # the counts must have room for this step's items before they are counted
+                    self._reinit_reused()
+                    neg = self._negatives() if groups else np.zeros(self.cfg.sequence_negatives, np.int32)
+                    arrays = self._step_arrays(groups, neg)
+                    n = len(arrays[2])
+                    for name, a in zip(("ctx_r", "ctx_w", "item", "weight", "feature"), arrays):
                         parts[name].append(a)
-                parts["neg"].append(self._negatives() if n else np.zeros(self.cfg.sequence_negatives, np.int32))
+                parts["neg"].append(neg if not frozen else np.zeros(self.cfg.sequence_negatives, np.int32))
                 if n:
                     version += 1
                 n_pairs += n
@@ -385,7 +501,8 @@ class SequenceModel(Recommender):
         cat = lambda name, dtype, shape: (np.concatenate(parts[name]).astype(dtype) if parts[name]  # noqa: E731
                                           else np.zeros(shape, dtype))
         work = _Work(cat("ctx_r", np.int32, (0, L)), cat("ctx_w", np.float32, (0, L)), cat("item", np.int32, (0,)),
-                     cat("weight", np.float32, (0,)), np.asarray(pair_end, np.int32),
+                     cat("weight", np.float32, (0,)), cat("feature", np.float32, (0, 1 + self.cfg.sequence_negatives)),
+                     np.asarray(pair_end, np.int32),
                      np.stack(parts["neg"]).astype(np.int32), cat("list_r", np.int32, (0, L)),
                      cat("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32), cat("excl_rec", np.int32, (0,)),
                      cat("excl_item", np.int32, (0,)), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32))
@@ -422,7 +539,7 @@ class SequenceModel(Recommender):
     def _plain_part(self, w: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One step without the compiled program: its update, then its lists."""
         if len(w.item):
-            self._train_fn(w.ctx_rows, w.ctx_w, w.item, w.weight, w.neg[0])
+            self._train_fn(w.ctx_rows, w.ctx_w, w.item, w.weight, w.neg[0], w.feature)   # and counts
         scores = self._scores_fn(w.list_rows, w.list_w).numpy()
         scores[:, item_born > w.visible[0]] = -np.inf
         scores[w.excl_rec, w.excl_item] = -np.inf
@@ -435,7 +552,7 @@ class SequenceModel(Recommender):
         list_excl_end = np.cumsum(np.bincount(w.excl_rec, minlength=n_lists)[:n_lists]).astype(np.int32)
         values, indices = self._xla_program(k)(*(tf.convert_to_tensor(a) for a in (
             pad(w.ctx_rows, XLA_PAIRS_PAD), pad(w.ctx_w, XLA_PAIRS_PAD), pad(w.item, XLA_PAIRS_PAD),
-            pad(w.weight, XLA_PAIRS_PAD), pad(w.pair_end, XLA_STEPS), pad(w.neg, XLA_STEPS),
+            pad(w.weight, XLA_PAIRS_PAD), pad(w.feature, XLA_PAIRS_PAD), pad(w.pair_end, XLA_STEPS), pad(w.neg, XLA_STEPS),
             pad(w.rec_end, XLA_STEPS), pad(w.visible, XLA_STEPS), np.int32(len(w.pair_end)),
             pad(w.list_rows, XLA_LISTS_PAD), pad(w.list_w, XLA_LISTS_PAD), pad(list_excl_end, XLA_LISTS_PAD),
             pad(w.excl_rec, XLA_EXCL_PAD), pad(w.excl_item, XLA_EXCL_PAD), item_born)))
@@ -447,13 +564,21 @@ class SequenceModel(Recommender):
         L, M, cap = self.cfg.history, self.cfg.sequence_negatives, self.capacity()
         take, start, bucket, once = xb.take, xb.start, xb.bucket, xb.once
 
-        def program(ctx_rows, ctx_w, item, weight, pair_end, neg, rec_end, visible, n_steps, list_rows, list_w,
+        def program(ctx_rows, ctx_w, item, weight, feature, pair_end, neg, rec_end, visible, n_steps, list_rows, list_w,
                     list_excl_end, excl_rec, excl_item, item_born):
             def learn(size, s, a, n):
                 def run():
                     mask = tf.cast(tf.range(size) < n, tf.float32)
                     self._train(take(ctx_rows, a, size), take(ctx_w, a, size), take(item, a, size),
-                                take(weight, a, size) * mask, tf.gather(neg, s))
+                                take(weight, a, size) * mask, tf.gather(neg, s), take(feature, a, size))
+                    return ()
+                return run
+
+            def count(size, a, n):
+                def run():
+                    mask = tf.cast(tf.range(size) < n, tf.float32)
+                    self._count(take(ctx_rows, a, size), take(ctx_w, a, size), take(item, a, size),
+                                take(weight, a, size) * mask)
                     return ()
                 return run
 
@@ -467,6 +592,8 @@ class SequenceModel(Recommender):
                 chosen = tf.where(n > 0, bucket(n, PAIR_BLOCKS), -1)
                 for j, size in enumerate(PAIR_BLOCKS):
                     once(chosen == j, learn(size, s, a, n))
+                for j, size in enumerate(PAIR_BLOCKS):
+                    once(chosen == j, count(size, a, n))
                 out_v, out_i = xb.list_step(s, rec_end, lambda r, size: score(take(list_rows, r, size),
                                                                               take(list_w, r, size), s),
                                             list_excl_end, excl_rec, excl_item, cap, k, out_v, out_i)
@@ -482,7 +609,7 @@ class SequenceModel(Recommender):
         f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
         P, R, E = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
         compiled = tf.function(program, jit_compile=True, autograph=False, input_signature=[
-            i32(P, L), f32(P, L), i32(P), f32(P), i32(XLA_STEPS), i32(XLA_STEPS, M), i32(XLA_STEPS), i32(XLA_STEPS),
+            i32(P, L), f32(P, L), i32(P), f32(P), f32(P, 1 + M), i32(XLA_STEPS), i32(XLA_STEPS, M), i32(XLA_STEPS), i32(XLA_STEPS),
             i32(), i32(R, L), f32(R, L), i32(R), i32(E), i32(E), i32(cap)])
         self._xla_calls[k] = compiled.get_concrete_function()
         return self._xla_calls[k]
@@ -493,6 +620,8 @@ class SequenceModel(Recommender):
         return {"item_context_emb": self.E_in.numpy()[:n], "item_emb": self.E_out.numpy()[:n],
                 "item_bias": self.b.numpy()[:n], **{f"adagrad_{j}": a.numpy()[:n] for j, a in enumerate(self.acc)},
                 "counters": np.asarray([self.version, self.steps, self._next_expiry], np.int64),
+                **pack_dense(self._counts, "transitions"), "transitions_out": self._counts_out,
+                "memory_weight": np.concatenate([self.theta.numpy(), self.acc_theta.numpy()]),
                 **self.users.state("users"), **self.items.state("items"), **pack_seen(self.seen),
                 **self.history.state(),
                 "rng_state": np.frombuffer(json.dumps({k: r.bit_generator.state for k, r in self._rngs.items()}).encode(),
@@ -510,6 +639,15 @@ class SequenceModel(Recommender):
             for var, name in zip(model._variables(), ("item_context_emb", "item_emb", "item_bias", "adagrad_0",
                                                       "adagrad_1", "adagrad_2")):
                 var[:n].assign(z[name])
+        counts = unpack_dense(z, "transitions")
+        m = min(len(counts), int(model.T_out.shape[0]))
+        if m:
+            model._counts[:m, :m] = counts[:m, :m]
+            model._counts_out[:m] = z["transitions_out"][:m]
+            model.T.assign(model._counts.reshape(-1))
+            model.T_out.assign(model._counts_out)
+            model.theta.assign(z["memory_weight"][:1])
+            model.acc_theta.assign(z["memory_weight"][1:])
         model.seen = unpack_seen(z)
         model.history = UserHistory.from_state(z, cfg.history, cfg.history_decay)
         model.version, model.steps, model._next_expiry = (int(x) for x in z["counters"])
