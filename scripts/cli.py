@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default="sequence,bpr,transition,recent-popularity,popularity,frozen",
                    help="comma-separated subset of: sequence (the sequence model), bpr (online matrix factorisation), "
                         "online (whatever model.kind the config sets), transition (counted item-to-item transitions "
-                        "+ popularity), recent-popularity (30-day half-life), popularity (cumulative), frozen (the "
+                        "+ popularity), recent-popularity (90-day half-life), popularity (cumulative), frozen (the "
                         "configured model, learning the first 20%% of the log only), sync-10min|sync-1h|sync-1d (BPR "
                         "serving parameters synced every 10 min / 1 h / 1 day of event time)")
     p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where the reports go")
