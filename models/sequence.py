@@ -355,9 +355,9 @@ class SequenceModel(Recommender):
             a = w / max(float(w.sum()), 1e-9) * inside * (out[h] + 1.0) ** -self.cfg.transition_alpha
             cand = np.concatenate([items, neg])
             c = np.minimum(cand, m - 1)
-            f = a @ counts[h][:, c]
+            f = a @ counts[np.ix_(h, c)]
             if self.cfg.transition_symmetric:
-                f += self.cfg.transition_symmetric * (a @ counts[c][:, h].T)
+                f += self.cfg.transition_symmetric * (counts[np.ix_(c, h)] @ a)
             f = np.log(MEMORY_EPS + f * (cand < m)).astype(np.float32)
             features.append(np.concatenate([f[:len(items), None], np.broadcast_to(f[len(items):], (len(items), M))], 1))
         for r, w, items, ws in groups:     # count after every feature of the step is read, as the program does

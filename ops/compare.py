@@ -73,6 +73,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     events = list(zip(df["user_id"], df["item_id"], df["ts"]))
     results = {}
     created = list(base.kafka.topics())
+    report: dict = {}
     try:
         for j, name in enumerate(systems, 1):
             system = available[name]
@@ -93,12 +94,12 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
             log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
                 f"HR@20 {result.overall['HR@20']:.4f}  coverage {result.overall['coverage']:.1%}  ({len(recs):,} lists; "
                 f"{speed['events_per_s']:,.0f} events/s, {speed['cpu_s']:.0f} CPU s)")
+            report = {"dataset": dataset, "events": len(df), "window_ms": cfg.window.size_ms,
+                      "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
+                      "complete": j == len(systems), "wall_seconds": round(time.monotonic() - started, 1)}
+            write_report(report, out_dir, log if j == len(systems) else (lambda *_: None))   # a long run keeps what it has
     finally:
         kafka_io.delete_topics(base, created)
-    report = {"dataset": dataset, "events": len(df), "window_ms": cfg.window.size_ms,
-              "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
-              "wall_seconds": round(time.monotonic() - started, 1)}
-    write_report(report, out_dir, log)
     return report
 
 
