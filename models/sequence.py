@@ -42,13 +42,13 @@ import numpy as np
 import tensorflow as tf
 
 from freshet.conf.settings import ModelConfig
-from freshet.models.base import (Recommendation, Recommender, StepStats, WindowList, micro_batches, pack_dense,
+from freshet.models.base import (Recommendation, StepStats, WindowList, micro_batches, pack_dense,
                                  pack_seen, unpack_dense, unpack_seen)
 from freshet.models.history import UserHistory
 from freshet.models.id_table import IdTable
 from freshet.models.increments import Increment
 from freshet.models import xla_blocks as xb
-from freshet.models.online_mf import SeenArrays, pick_device, set_threads
+from freshet.models.table_model import TableModel
 from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_LISTS, XLA_LISTS_PAD, XLA_PAIRS,
                                        XLA_PAIRS_PAD, XLA_STEPS)
 
@@ -83,21 +83,12 @@ class _Work(NamedTuple):
                      self.excl_end[s0:s1] - e0, self.visible[s0:s1])
 
 
-class SequenceModel(Recommender):
+class SequenceModel(TableModel):
     """Next-window prediction from the user's recent items (FISM-style context, sampled softmax, Adagrad)."""
 
     def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
-        set_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
-        self.users = IdTable(cfg.max_users, cfg.admit_after)   # bounds how many histories are kept
-        self.items = IdTable(cfg.max_items, cfg.admit_after)
+        super().__init__(cfg)      # users' table bounds how many histories are kept
         self.history = UserHistory(cfg.history, cfg.history_decay)
-        self.seen: dict[str, set[int]] = {}
-        self._seen_arrays = SeenArrays()
-        self.version = 0
-        self.steps = 0
-        self._next_expiry = -1
         self._rngs = {name: np.random.default_rng([cfg.seed, j])
                       for j, name in enumerate(("E_in", "E_out", "neg", "reinit"))}
         cap = cfg.initial_capacity
@@ -123,9 +114,6 @@ class SequenceModel(Recommender):
     # ---- tables ---------------------------------------------------------------------------------
     def _init_rows(self, name: str, n: int) -> np.ndarray:
         return self._rngs[name].normal(0.0, 0.05, size=(n, self.cfg.dim)).astype(np.float32)
-
-    n_users = property(lambda self: len(self.users))
-    n_items = property(lambda self: len(self.items))
 
     def capacity(self) -> int:
         return int(self.E_in.shape[0])
@@ -160,25 +148,11 @@ class SequenceModel(Recommender):
                 self.T_out = tf.Variable(tf.pad(self.T_out, [[0, m - m_old]]), trainable=False, name="transitions_out")
         self._compile()
 
-    def maintain(self, now: int) -> None:
-        horizon = self.cfg.expire_after_ms
-        if horizon > 0 and now >= self._next_expiry:
-            self.users.expire(now, horizon)
-            self.items.expire(now, horizon)
-            self._next_expiry = now + max(horizon // 8, 1)
-            self._forget_evicted()
+    def _forget_user(self, user: str) -> None:
+        self.history.forget(user)
 
-    def _forget_evicted(self) -> None:
-        for user, _ in self.users.drain_evicted():
-            self.seen.pop(user, None)
-            self._seen_arrays.drop(user)
-            self.history.forget(user)
-        gone = {row for _, row in self.items.drain_evicted() if row}
-        if gone:
-            for seen in self.seen.values():
-                seen.difference_update(gone)
-            self._seen_arrays.drop()
-            self.history.drop_rows(gone)
+    def _forget_items(self, rows: set[int]) -> None:
+        self.history.drop_rows(rows)
 
     def _reinit_reused(self) -> None:
         rows = self.items.drain_reused()
@@ -399,13 +373,14 @@ class SequenceModel(Recommender):
         self.steps += 1
         self._grow()
         self._reinit_reused()
+        if batch:
+            self.version += 1     # histories changed, so lists do, with or without a gradient step
         if not groups:
             return StepStats(0.0, 0, time.perf_counter() - started)
         neg = self._negatives()
         ctx_r, ctx_w, items, weights, feature = self._step_arrays(groups, neg)
         with tf.device(self.device):
             loss = self._train_fn(ctx_r, ctx_w, items, weights, neg, feature)
-        self.version += 1
         return StepStats(float(loss), len(items), time.perf_counter() - started)
 
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
@@ -474,8 +449,8 @@ class SequenceModel(Recommender):
                     for name, a in zip(("ctx_r", "ctx_w", "item", "weight", "feature"), arrays):
                         parts[name].append(a)
                 parts["neg"].append(neg if not frozen else np.zeros(self.cfg.sequence_negatives, np.int32))
-                if n:
-                    version += 1
+                if chunk and not frozen:
+                    version += 1    # as in learn_many
                 n_pairs += n
                 pair_end.append(n_pairs)
                 if c == len(chunks) - 1:

@@ -42,9 +42,10 @@ def good_events():
     return events
 
 
-def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad_input(topics_cfg):
+@pytest.mark.parametrize("kind", ["bpr", "sequence"])
+def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad_input(topics_cfg, kind):
     from freshet.ops.runner import run_job
-    cfg = topics_cfg
+    cfg = topics_cfg.replace(model={"kind": kind})
     events = good_events()
     duplicate = events[5]
     prod = kafka_io.producer(cfg)

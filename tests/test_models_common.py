@@ -8,7 +8,6 @@ from freshet.models.base import Recommender
 from freshet.models.history import UserHistory
 from freshet.models.increments import Increment
 from freshet.models.popularity import Popularity
-from freshet.models.sequence import SequenceModel
 from freshet.models.transition import Transition
 from freshet.udfs.recommend_online import model_class
 
@@ -102,8 +101,9 @@ def test_sequence_new_ids_grow_the_tables():
     assert m.capacity() == 4
     m.learn_many([inc(f"u{j}", [f"i{j}"]) for j in range(10)])
     assert (m.n_users, m.n_items, m.capacity()) == (10, 10, 16)
+    assert m.version == 1                             # histories changed (no pair yet: nobody had a context)
     m.learn_many([inc("u0", ["i999"], end=120_000)])  # a known user with history, a new item: one pair
-    assert m.n_items == 11 and m.version == 1
+    assert m.n_items == 11 and m.version == 2
 
 
 def test_sequence_lists_follow_what_the_user_just_did():

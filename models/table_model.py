@@ -1,0 +1,149 @@
+"""What every model kind with embedding tables shares: device and thread setup, the id tables of users
+and items (admission, expiry, a memory bound), each user's seen items (the lists' exclusions), and the
+bookkeeping when ids leave. A model kind inherits :class:`TableModel` and keeps its math to itself.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from freshet.conf.settings import ModelConfig  # noqa: E402
+from freshet.models.base import Recommender  # noqa: E402
+from freshet.models.id_table import IdTable  # noqa: E402
+
+
+def pick_device(preference: str) -> str:
+    """``/GPU:0`` when asked for (or ``auto``) and TensorFlow sees a GPU, else ``/CPU:0``."""
+    gpus = tf.config.list_physical_devices("GPU") if preference in ("auto", "gpu") else []
+    if preference == "gpu" and not gpus:
+        raise RuntimeError("model.device is 'gpu' but TensorFlow sees no GPU (is tensorflow[and-cuda] installed?)")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass
+    return "/GPU:0" if gpus else "/CPU:0"
+
+
+def set_threads(threads: int) -> None:
+    """TensorFlow's op thread pools (0: its default, one thread per core). A step here is many tiny ops,
+    for which handing work between threads costs more than it saves: one thread halved the model's time
+    on 2 cores, where the Flink JVM needs the other. Only possible before TensorFlow starts its runtime."""
+    if threads <= 0:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:   # already initialised in this process (a second model): keeps the first setting
+        pass
+
+
+class SeenArrays:
+    """Each user's seen item rows as a growing int32 array, beside the seen sets, for the lists' exclusions.
+
+    Lists exclude everything a user has seen: thousands of rows for a heavy user, in every list. Rows
+    are appended as the set gains them (amortised O(1)); a user whose set changed any other way
+    (evictions, a restore, frozen observation) is dropped and rebuilt from the set when next listed.
+    Only users with at least ``min_rows`` seen rows get an array (a short set is as quickly copied, and
+    millions of light users would otherwise each hold one).
+
+    >>> arrays, seen = SeenArrays(min_rows=2), {3, 5}
+    >>> arrays.view("u", seen).tolist()
+    [3, 5]
+    >>> seen.add(9); arrays.extend("u", [9]); arrays.view("u", seen).tolist()
+    [3, 5, 9]
+    """
+
+    def __init__(self, min_rows: int = 64):
+        self.min_rows = min_rows
+        self._rows: dict[str, list] = {}     # user -> [array, used length]
+
+    def view(self, user: str, seen: set[int]) -> np.ndarray:
+        """The user's seen rows (a view: later appends do not change it)."""
+        entry = self._rows.get(user)
+        if entry is None:
+            rows = np.fromiter(seen, np.int32, len(seen))
+            if len(rows) < self.min_rows:
+                return rows
+            entry = self._rows[user] = [rows, len(rows)]
+        return entry[0][: entry[1]]
+
+    def extend(self, user: str, rows: list[int]) -> None:
+        """``rows`` were just added to the user's set (and were not in it before)."""
+        entry = self._rows.get(user)
+        if entry is None:
+            return          # built from the set when first needed
+        arr, n = entry
+        if n + len(rows) > len(arr):
+            arr = entry[0] = np.concatenate([arr[:n], np.empty(max(n, len(rows), 8), np.int32)])
+        arr[n: n + len(rows)] = rows
+        entry[1] = n + len(rows)
+
+    def drop(self, user: str | None = None) -> None:
+        """Forget one user's array (``None``: everyone's)."""
+        if user is None:
+            self._rows.clear()
+        else:
+            self._rows.pop(user, None)
+
+
+class TableModel(Recommender):
+    """A recommender with user and item id tables and seen-item sets (see :mod:`freshet.models.id_table`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        set_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        self.users = IdTable(cfg.max_users, cfg.admit_after)
+        self.items = IdTable(cfg.max_items, cfg.admit_after)
+        self.seen: dict[str, set[int]] = {}   # user id -> item rows it interacted with (the seen-item filter)
+        self._seen_arrays = SeenArrays()      # the same, as arrays, for the lists' exclusions
+        self.version = 0
+        self.steps = 0                        # micro-batches gone through (learned or observed)
+        self._next_expiry = -1
+
+    @property
+    def n_users(self) -> int:
+        """Users with a row of their own (admitted, not expired)."""
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def maintain(self, now: int) -> None:
+        """Before a model call at event time ``now``: expire stale rows (at most every 1/8 of the horizon)."""
+        horizon = self.cfg.expire_after_ms
+        if horizon > 0 and now >= self._next_expiry:
+            self.users.expire(now, horizon)
+            self.items.expire(now, horizon)
+            self._next_expiry = now + max(horizon // 8, 1)
+            self._forget_evicted()
+
+    def _forget_evicted(self) -> None:
+        """Drop what was kept about ids that lost their rows (seen sets; evicted items from every set)."""
+        for user, _ in self.users.drain_evicted():
+            self.seen.pop(user, None)
+            self._seen_arrays.drop(user)
+            self._forget_user(user)
+        gone = {row for _, row in self.items.drain_evicted() if row}
+        if gone:
+            for seen in self.seen.values():
+                seen.difference_update(gone)
+            self._seen_arrays.drop()
+            self._forget_items(gone)
+
+    def _forget_user(self, user: str) -> None:
+        """A user left the table: what else a model kind keeps about them goes too (nothing by default)."""
+
+    def _forget_items(self, rows: set[int]) -> None:
+        """Item rows were freed (nothing more to forget by default)."""
+
+    def _note_seen(self, user: str, seen: set[int] | None, rows: list[int]) -> None:
+        """``rows`` were just added to ``seen``, the user's set: keep the user's array in step."""
+        if rows and seen is not None:
+            self._seen_arrays.extend(user, rows)
