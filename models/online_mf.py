@@ -315,8 +315,7 @@ class OnlineMF(TableModel):
                 visible.append(served_step - step0)  # items born at or before this step are listed
         self._grow()
         self._reinit_reused()
-        born = np.full(int(self._V.shape[0]), 1 << 30, np.int64)
-        born[: self.items.high] = np.clip(self.items.born[: self.items.high] - step0, -(1 << 30), 1 << 30)
+        born = self._item_born(int(self._V.shape[0]), step0)
         k_eff = min(k, int(self._V.shape[0]))
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
                else np.zeros(shape, dtype))
@@ -325,14 +324,9 @@ class OnlineMF(TableModel):
             cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
             np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32), cat(excl_rec, np.int32, [0]),
             cat(excl_item, np.int32, [0]), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32),
-            np.asarray(sync, np.int32)), born.astype(np.int32), k_eff)
+            np.asarray(sync, np.int32)), born, k_eff)
         self.version = version
-        out, ids = [], self.items.ids
-        for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
-            ok = np.isfinite(v_row)
-            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row[ok].tolist()],
-                                                                   v_row[ok].astype(np.float64).tolist()), ver))
-        return out
+        return self._window_lists(due, values, indices)
 
     def _run_steps(self, st: _Steps, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Run a call's steps in order; return each list's top-K (values, item rows), -inf where empty."""

@@ -471,8 +471,7 @@ class SequenceModel(TableModel):
                 visible.append(step - step0)
         self._grow()
         self._reinit_reused()
-        born = np.full(self.capacity(), 1 << 30, np.int64)
-        born[: self.items.high] = np.clip(self.items.born[: self.items.high] - step0, -(1 << 30), 1 << 30)
+        born = self._item_born(self.capacity(), step0)
         cat = lambda name, dtype, shape: (np.concatenate(parts[name]).astype(dtype) if parts[name]  # noqa: E731
                                           else np.zeros(shape, dtype))
         work = _Work(cat("ctx_r", np.int32, (0, L)), cat("ctx_w", np.float32, (0, L)), cat("item", np.int32, (0,)),
@@ -481,14 +480,9 @@ class SequenceModel(TableModel):
                      np.stack(parts["neg"]).astype(np.int32), cat("list_r", np.int32, (0, L)),
                      cat("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32), cat("excl_rec", np.int32, (0,)),
                      cat("excl_item", np.int32, (0,)), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32))
-        values, indices = self._run(work, born.astype(np.int32), min(k, self.capacity()))
+        values, indices = self._run(work, born, min(k, self.capacity()))
         self.version = version
-        out, ids = [], self.items.ids
-        for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
-            ok = np.isfinite(v_row)
-            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row[ok].tolist()],
-                                                                   v_row[ok].astype(np.float64).tolist()), ver))
-        return out
+        return self._window_lists(due, values, indices)
 
     def _run(self, work: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The call's steps through the compiled program, in parts that fit its fixed shapes; a step with more

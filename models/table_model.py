@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from freshet.conf.settings import ModelConfig  # noqa: E402
-from freshet.models.base import Recommender  # noqa: E402
+from freshet.models.base import Recommendation, Recommender, WindowList  # noqa: E402
 from freshet.models.id_table import IdTable  # noqa: E402
 
 
@@ -147,3 +147,20 @@ class TableModel(Recommender):
         """``rows`` were just added to ``seen``, the user's set: keep the user's array in step."""
         if rows and seen is not None:
             self._seen_arrays.extend(user, rows)
+
+    def _item_born(self, capacity: int, step0: int) -> np.ndarray:
+        """Per item row, the step (relative to ``step0``) at which its id got it; free rows and rows past
+        the table never (a large number): a list at relative step s lists the rows born at or before s."""
+        born = np.full(capacity, 1 << 30, np.int64)
+        born[: self.items.high] = np.clip(self.items.born[: self.items.high] - step0, -(1 << 30), 1 << 30)
+        return born.astype(np.int32)
+
+    def _window_lists(self, due, values: np.ndarray, indices: np.ndarray) -> list[WindowList]:
+        """The lists of a call: ``due`` (user, window_end, model_version) with each one's top-K values and item
+        rows (-inf where there were fewer than K items)."""
+        out, ids = [], self.items.ids
+        for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
+            ok = np.isfinite(v_row)
+            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row[ok].tolist()],
+                                                                   v_row[ok].astype(np.float64).tolist()), ver))
+        return out
