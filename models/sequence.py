@@ -5,7 +5,14 @@ The user representation is not a per-user parameter but a function of the user's
 behaviour weight times ``model.history_decay ** age`` (age in the user's windows), averaged over a
 *context* embedding of each item (FISM / asymmetric factorisation)::
 
-    q(u) = sum_j a_j E_in[h_j] / sum_j a_j          score(u, i) = <q(u), E_out[i]> / T + b[i]
+    q(u) = sum_j a_j E_in[h_j] / sum_j a_j
+    score(u, i) = <q(u), E_out[i]> / T  +  b[i]  +  theta * log(0.01 + memory(h, i))
+
+``memory(h, i)`` is the *counted* transitions from the context items to ``i`` (either order with
+``model.transition_symmetric``, normalised by ``model.transition_alpha`` as the transition baseline does),
+over the first ``model.sequence_memory_items`` items; ``theta`` is learned with the embeddings (Wide &
+Deep: the counts memorise frequent transitions, the embeddings generalise). The counts are updated by
+counting, in order, as each micro-batch is learned. Why this design: docs/EVALUATION.md.
 
 Objective: a list made at ``window_end`` serves until the user's next window, so the model learns to
 predict the items of a user's *next increment* from the history before it. Each positive (context,
@@ -14,8 +21,8 @@ micro-batch and shared by its pairs (uniform sampling needs no logQ correction: 
 logit equally; sampled copies of the positive are masked). One sparse Adagrad step per micro-batch
 touches only the gathered rows.
 
-Variables, and whom they belong to (what a parallel model needs to know): ``E_in``, ``E_out``, ``b``
-and their Adagrad accumulators are **shared** (item rows); the **per-user** state is the history and
+Variables, and whom they belong to (what a parallel model needs to know): ``E_in``, ``E_out``, ``b``,
+``theta``, their Adagrad accumulators and the transition counts are **shared** (item rows); the **per-user** state is the history and
 the seen-item set, which are data, not parameters: a user's list needs no per-user training.
 
 Tables grow as new items arrive (:class:`~freshet.models.id_table.IdTable`: admission, expiry and a

@@ -182,3 +182,14 @@ def test_recent_popularity_forgets_with_its_half_life():
     for step in range(2, 200):   # far past the rescaling point: still finite and ordered
         m.learn_many([Increment("b", 60_000 * step * 10, ("new",), (1.0,), (1,), 1)])
     assert np.isfinite(m.current_counts()).all() and m.recommend(["c"], 1)[0].items == ["new"]
+
+
+def test_sequence_without_memory_learns_and_round_trips():
+    """model.sequence_memory_items: 0 is the plain FISM model: no count matrix, same loop, same state round trip."""
+    windows = random_windows(9)
+    m = build("sequence", sequence_memory_items=0)
+    expected = Recommender.learn_windows(build("sequence", sequence_memory_items=0), windows[:15], 4, 5)
+    assert key(m.learn_windows(windows[:15], 4, 5)) == key(expected)
+    assert m.T.shape == (0,) and float(m.theta[0]) == 0.0
+    r = type(m).from_bytes(m.to_bytes(), m.cfg)
+    assert key(r.learn_windows(windows[15:], 4, 5)) == key(m.learn_windows(windows[15:], 4, 5))
