@@ -59,6 +59,29 @@ def micro_batches(increments: Sequence[Increment], batch_size: int) -> list[Sequ
     return [increments[j:j + batch_size] for j in range(0, len(increments), batch_size)] or [increments]
 
 
+def top_k_lists(scores: np.ndarray, users: Sequence[str], k: int, seen: Mapping[str, set[int]], ids: Sequence[str],
+                exclude_seen: bool = True) -> list[Recommendation]:
+    """Each user's best ``k`` of ``scores`` (``[users, item rows]``, changed in place; -inf: not listable),
+    their ``seen`` rows left out; ties go to the lower row (the item that arrived first).
+
+    >>> top_k_lists(np.array([[1.0, 3.0, 3.0, -np.inf]]), ["u"], 3, {"u": {1}}, ["a", "b", "c", "d"])
+    [Recommendation(items=['c', 'a'], scores=[3.0, 1.0])]
+    """
+    out = []
+    n = scores.shape[1]
+    for j, user in enumerate(users):
+        row = scores[j]
+        user_seen = seen.get(user) if exclude_seen else None
+        if user_seen:
+            row[np.fromiter(user_seen, np.int64, len(user_seen))] = -np.inf
+        kk = min(k, n)
+        top = np.argpartition(-row, kk - 1)[:kk] if kk < n else np.arange(n)
+        top = top[np.lexsort((top, -row[top]))]
+        top = top[np.isfinite(row[top])]
+        out.append(Recommendation([ids[i] for i in top], row[top].astype(np.float64).tolist()))
+    return out
+
+
 class Recommender(ABC):
     """Learns from micro-batches of increments and recommends top-K items per user."""
 
@@ -98,13 +121,22 @@ class Recommender(ABC):
         out = []
         if windows:
             self.maintain(windows[0][0])
-        for window_end, increments in windows:
-            for batch in micro_batches(increments, batch_size):
-                self.observe(batch) if self.frozen_at(window_end) else self.learn_many(batch)
-            users = list(dict.fromkeys(inc.user_id for inc in increments))
-            for user, rec in zip(users, self.recommend(users, k, exclude_seen)):
-                out.append(WindowList(user, window_end, rec, self.version))
+        for window_end, increments, batch, frozen, last in self.window_steps(windows, batch_size):
+            self.observe(batch) if frozen else self.learn_many(batch)
+            if last:
+                users = list(dict.fromkeys(inc.user_id for inc in increments))
+                for user, rec in zip(users, self.recommend(users, k, exclude_seen)):
+                    out.append(WindowList(user, window_end, rec, self.version))
         return out
+
+    def window_steps(self, windows: Sequence[tuple[int, Sequence[Increment]]], batch_size: int):
+        """Every micro-batch of the windows, in order: (window_end, the window's increments, the batch,
+        whether learning is frozen then, whether it is the window's last batch)."""
+        for window_end, increments in windows:
+            chunks = micro_batches(increments, batch_size)
+            frozen = self.frozen_at(window_end)
+            for c, chunk in enumerate(chunks):
+                yield window_end, increments, chunk, frozen, c == len(chunks) - 1
 
     # ---- persistence: named arrays (no pickles), to a file or to bytes for Flink state ----------------
     @abstractmethod

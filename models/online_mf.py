@@ -35,8 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from freshet.conf.settings import ModelConfig  # noqa: E402
-from freshet.models.base import (Recommendation, StepStats, WindowList, micro_batches,  # noqa: E402
-                                 pack_seen, unpack_seen)
+from freshet.models.base import Recommendation, StepStats, WindowList, pack_seen, unpack_seen  # noqa: E402
 from freshet.models.id_table import IdTable  # noqa: E402
 from freshet.models.table_model import TableModel  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
@@ -205,24 +204,15 @@ class OnlineMF(TableModel):
         """Register the batch's ids and interactions at model step ``step``; return (user rows, item
         rows, pair weights). Ids not admitted (yet) train the shared fallback row 0."""
         us, its, ws = [], [], []
-        users, items = self.users, self.items
         for inc in batch:
-            u = users.lookup(inc.user_id, inc.window_end, step, inc.events, protect_from)
-            seen = self.seen.setdefault(inc.user_id, set()) if u or inc.user_id in users.pending else None
-            new = []
-            for item, weight, count in zip(inc.items, inc.weights, inc.counts):
-                i = items.lookup(item, inc.window_end, step, count, protect_from)
-                if i and seen is not None and i not in seen:
-                    seen.add(i)
-                    new.append(i)
-                if weight > 0:
-                    us.append(u)
-                    its.append(i)
-                    ws.append(np.log1p(weight))
-            if new:
-                self._seen_arrays.extend(inc.user_id, new)
+            u, rows, weights = self._register(inc, step, protect_from)
+            us.append(np.full(len(rows), u, np.int32))
+            its.append(rows)
+            ws.append(weights)
         self._forget_evicted()
-        return (np.asarray(us, np.int32), np.asarray(its, np.int32), np.asarray(ws, np.float32))
+        if not us:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+        return np.concatenate(us), np.concatenate(its), np.concatenate(ws)
 
     def _sample_negatives(self, n: int) -> np.ndarray:
         """Uniform negatives over the items that have a row now."""
@@ -273,46 +263,42 @@ class OnlineMF(TableModel):
         n_pairs = n_recs = n_excl = 0
         version = self.version
         step0 = self.steps
-        for window_end, increments in windows:
-            chunks = micro_batches(increments, batch_size)
-            frozen = self.frozen_at(window_end)
-            for c, chunk in enumerate(chunks):
-                step = self.steps
-                if frozen:
-                    self.observe(chunk)
-                    us = []
-                else:
-                    us, its, ws = self.positives(chunk, step, protect_from=step0)
-                    self.steps += 1
-                if len(us):
-                    pu.append(us), pi.append(its), pw.append(ws), pn.append(self._sample_negatives(len(us)))
-                    n_pairs += len(us)
-                    version += 1
-                pair_end.append(n_pairs)
-                last = c == len(chunks) - 1
-                syncing = last and self._serving is not None and window_end - self._last_sync >= self.cfg.sync_every_ms
-                if syncing:
-                    self._last_sync = window_end - window_end % self.cfg.sync_every_ms
-                    self._sync_step, self._synced_version = step, version
-                sync.append(1 if syncing else 0)
-                served_version = version if self._serving is None else self._synced_version
-                served_step = step if self._serving is None else self._sync_step
-                if last:
-                    for user in dict.fromkeys(inc.user_id for inc in increments):
-                        row = self.users.get(user)
-                        seen = self.seen.get(user) if exclude_seen else None
-                        if seen:   # as arrays: heavy users have seen thousands of items
-                            excl_rec.append(np.full(len(seen), n_recs, np.int32))
-                            excl_item.append(self._seen_arrays.view(user, seen))
-                            n_excl += len(seen)
-                        rec_rows.append(row or 0)
-                        known = row is not None and self.users.born[row] <= served_step
-                        rec_known.append(1.0 if known else 0.0)
-                        due.append((user, window_end, served_version))
-                        n_recs += 1
-                rec_end.append(n_recs)
-                excl_end.append(n_excl)
-                visible.append(served_step - step0)  # items born at or before this step are listed
+        for window_end, increments, chunk, frozen, last in self.window_steps(windows, batch_size):
+            step = self.steps
+            if frozen:
+                self.observe(chunk)
+                us = []
+            else:
+                us, its, ws = self.positives(chunk, step, protect_from=step0)
+                self.steps += 1
+            if len(us):
+                pu.append(us), pi.append(its), pw.append(ws), pn.append(self._sample_negatives(len(us)))
+                n_pairs += len(us)
+                version += 1
+            pair_end.append(n_pairs)
+            syncing = last and self._serving is not None and window_end - self._last_sync >= self.cfg.sync_every_ms
+            if syncing:
+                self._last_sync = window_end - window_end % self.cfg.sync_every_ms
+                self._sync_step, self._synced_version = step, version
+            sync.append(1 if syncing else 0)
+            served_version = version if self._serving is None else self._synced_version
+            served_step = step if self._serving is None else self._sync_step
+            if last:
+                for user in dict.fromkeys(inc.user_id for inc in increments):
+                    row = self.users.get(user)
+                    seen = self._seen_rows(user, exclude_seen)   # as arrays: heavy users have seen thousands
+                    if len(seen):
+                        excl_rec.append(np.full(len(seen), n_recs, np.int32))
+                        excl_item.append(seen)
+                        n_excl += len(seen)
+                    rec_rows.append(row or 0)
+                    known = row is not None and self.users.born[row] <= served_step
+                    rec_known.append(1.0 if known else 0.0)
+                    due.append((user, window_end, served_version))
+                    n_recs += 1
+            rec_end.append(n_recs)
+            excl_end.append(n_excl)
+            visible.append(served_step - step0)  # items born at or before this step are listed
         self._grow()
         self._reinit_reused()
         born = self._item_born(int(self._V.shape[0]), step0)
@@ -407,10 +393,7 @@ class OnlineMF(TableModel):
                                             out_v, out_i)
                 return s + 1, out_v, out_i
 
-            _, out_v, out_i = tf.while_loop(lambda s, ov, oi: s < n_steps, step,
-                                            [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], inf), tf.zeros([XLA_LISTS_PAD, k], tf.int32)],
-                                            parallel_iterations=1)
-            return out_v, out_i
+            return xb.step_loop(step, n_steps, k)
 
         i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731

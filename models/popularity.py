@@ -109,24 +109,6 @@ class Popularity(Recommender):
             out.append(Recommendation([self.items.ids[i] for i in top], [float(counts[i]) for i in top]))
         return out
 
-    def top_k(self, scores: np.ndarray, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
-        """Each user's best ``k`` of ``scores`` (``[users, items]``, changed in place), seen items left out.
-        Ties go to the lower row (the item that arrived first)."""
-        out = []
-        n = scores.shape[1]
-        for j, user in enumerate(users):
-            row = scores[j]
-            if exclude_seen:
-                seen = self.seen.get(user)
-                if seen:
-                    row[np.fromiter(seen, np.int64, len(seen))] = -np.inf
-            kk = min(k, n)
-            top = np.argpartition(-row, kk - 1)[:kk] if kk < n else np.arange(n)
-            top = top[np.lexsort((top, -row[top]))]
-            top = top[np.isfinite(row[top])]
-            out.append(Recommendation([self.items.ids[i] for i in top], row[top].astype(np.float64).tolist()))
-        return out
-
     def state(self) -> dict[str, np.ndarray]:
         return {"item_ids": np.asarray(self.items.ids, dtype=object).astype(str),
                 "counts": self.counts[: len(self.items)], "version": np.int64(self.version),

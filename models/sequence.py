@@ -49,13 +49,13 @@ import numpy as np
 import tensorflow as tf
 
 from freshet.conf.settings import ModelConfig
-from freshet.models.base import (Recommendation, StepStats, WindowList, micro_batches, pack_dense,
-                                 pack_seen, unpack_dense, unpack_seen)
+from freshet.models.base import Recommendation, StepStats, WindowList, pack_seen, top_k_lists, unpack_seen
 from freshet.models.history import UserHistory
 from freshet.models.id_table import IdTable
 from freshet.models.increments import Increment
 from freshet.models import xla_blocks as xb
 from freshet.models.table_model import TableModel
+from freshet.models.transition import TransitionCounts
 from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_LISTS, XLA_LISTS_PAD, XLA_PAIRS,
                                        XLA_PAIRS_PAD, XLA_STEPS)
 
@@ -106,16 +106,16 @@ class SequenceModel(TableModel):
             self.acc = [tf.Variable(tf.fill(v.shape, ADAGRAD_INIT), name=f"adagrad_{j}")
                         for j, v in enumerate((self.E_in, self.E_out, self.b))]
             # The memory: counted transitions (not trained by gradient) and the learned weight of their feature.
-            m = self._memory_size(cap)
+            # The counts live in numpy (``memory``), read for the training pairs' features while a call is
+            # prepared; the program keeps its own copy, ``T``, for the lists (gathering the training features
+            # in the program made XLA copy the whole matrix on every step).
+            self.memory = TransitionCounts(cap, cfg.sequence_memory_items, cfg.transition_alpha,
+                                           cfg.transition_symmetric)
+            m = self.memory.size
             self.T = tf.Variable(tf.zeros([m * m]), trainable=False, name="transitions")   # [m, m], flat
             self.T_out = tf.Variable(tf.zeros([m]), trainable=False, name="transitions_out")
             self.theta = tf.Variable([MEMORY_THETA_INIT if m else 0.0], name="memory_weight")
             self.acc_theta = tf.Variable([ADAGRAD_INIT], name="adagrad_memory_weight")
-        # The same counts in numpy, read for the training pairs' features while a call is prepared (the
-        # program reads its copy, ``T``, for the lists: gathering training features in the program made XLA
-        # copy the whole matrix on every step).
-        self._counts = np.zeros((m, m), np.float32)
-        self._counts_out = np.zeros(m, np.float32)
         self._compile()
 
     # ---- tables ---------------------------------------------------------------------------------
@@ -127,10 +127,6 @@ class SequenceModel(TableModel):
 
     def _variables(self) -> list[tf.Variable]:
         return [self.E_in, self.E_out, self.b, *self.acc]
-
-    def _memory_size(self, capacity: int) -> int:
-        """Rows (and columns) of the transition counts: the item capacity up to ``model.sequence_memory_items``."""
-        return min(capacity, self.cfg.sequence_memory_items)
 
     def _grow(self) -> None:
         cap, n = self.capacity(), self.items.high
@@ -146,12 +142,12 @@ class SequenceModel(TableModel):
             self.b = tf.Variable(tf.concat([self.b, tf.zeros([extra])], 0), name="item_bias")
             self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
                         for a in self.acc]
-            m_old, m = int(self.T_out.shape[0]), self._memory_size(new)
+            m_old = self.memory.size
+            self.memory.grow(new)
+            m = self.memory.size
             if m > m_old:
                 grown = tf.pad(tf.reshape(self.T, [m_old, m_old]), [[0, m - m_old], [0, m - m_old]])
                 self.T = tf.Variable(tf.reshape(grown, [-1]), trainable=False, name="transitions")
-                self._counts = np.pad(self._counts, [(0, m - m_old), (0, m - m_old)])
-                self._counts_out = np.pad(self._counts_out, [(0, m - m_old)])
                 self.T_out = tf.Variable(tf.pad(self.T_out, [[0, m - m_old]]), trainable=False, name="transitions_out")
         self._compile()
 
@@ -172,13 +168,10 @@ class SequenceModel(TableModel):
             self.b.scatter_nd_update(at, np.zeros(len(rows), np.float32))
             for acc in self.acc:
                 acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
-            mem = [r for r in rows if r < int(self.T_out.shape[0])]
-            if mem:     # rare (evictions): a reused row starts with no transitions either way
-                self._counts[mem, :] = 0.0
-                self._counts[:, mem] = 0.0
-                self._counts_out[mem] = 0.0
-                self.T.assign(self._counts.reshape(-1))
-                self.T_out.scatter_nd_update(np.asarray(mem, np.int32)[:, None], np.zeros(len(mem), np.float32))
+            if any(r < self.memory.size for r in rows):     # rare (evictions)
+                self.memory.zero(rows)
+                self.T.assign(self.memory.counts.reshape(-1))
+                self.T_out.assign(self.memory.out)
 
     # ---- the model's math (once; the reference and the fused loop both call it) -------------------
     def _encode(self, rows, weights):
@@ -280,33 +273,14 @@ class SequenceModel(TableModel):
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32)])
         self._xla_calls: dict[int, object] = {}
 
-    def _register(self, inc: Increment, step: int, protect_from: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Look up the increment's user and items (admission, recency), note seen items; (rows, weights, kept)."""
-        u = self.users.lookup(inc.user_id, inc.window_end, step, inc.events, protect_from)
-        kept = bool(u) or inc.user_id in self.users.pending   # as for BPR: pending users keep a history too
-        seen = self.seen.setdefault(inc.user_id, set()) if kept else None
-        rows, weights, new = [], [], []
-        for item, weight, count in zip(inc.items, inc.weights, inc.counts):
-            i = self.items.lookup(item, inc.window_end, step, count, protect_from)
-            if i and seen is not None and i not in seen:
-                seen.add(i)
-                new.append(i)
-            if weight > 0:
-                rows.append(i)
-                weights.append(np.log1p(weight))
-        if new:
-            self._seen_arrays.extend(inc.user_id, new)
-        return np.asarray(rows, np.int32), np.asarray(weights, np.float32), kept
-
     def _pairs(self, batch: Sequence[Increment], step: int, protect_from: int | None = None):
         """The micro-batch's positive pairs, each with its user's context *before* the increment; then the
         increments join their users' histories. Returns per increment with a context and positives:
         (ctx_rows [L], ctx_w [L], items [n], weights [n])."""
         groups = []
         for inc in batch:
-            rows, ws, kept = self._register(inc, step, protect_from)
-            if not kept:
+            u, rows, ws = self._register(inc, step, protect_from)
+            if not (u or inc.user_id in self.users.pending):    # no row: no history either (as for BPR)
                 continue
             r, w = self.history.context(inc.user_id)
             if w.any() and len(rows):
@@ -324,29 +298,12 @@ class SequenceModel(TableModel):
         if not groups:
             return (np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), np.zeros(0, np.int32),
                     np.zeros(0, np.float32), np.zeros((0, 1 + M), np.float32))
-        counts, out = self._counts, self._counts_out
-        m = len(out)
         features = []
         for r, w, items, ws in groups:
-            if not m:
-                features.append(np.zeros((len(items), 1 + M), np.float32))
-                continue
-            inside = r < m
-            h = np.minimum(r, m - 1)
-            a = w / max(float(w.sum()), 1e-9) * inside * (out[h] + 1.0) ** -self.cfg.transition_alpha
-            cand = np.concatenate([items, neg])
-            c = np.minimum(cand, m - 1)
-            f = a @ counts[np.ix_(h, c)]
-            if self.cfg.transition_symmetric:
-                f += self.cfg.transition_symmetric * (counts[np.ix_(c, h)] @ a)
-            f = np.log(MEMORY_EPS + f * (cand < m)).astype(np.float32)
+            f = np.log(MEMORY_EPS + self.memory.feature(r, w, np.concatenate([items, neg]))).astype(np.float32)
             features.append(np.concatenate([f[:len(items), None], np.broadcast_to(f[len(items):], (len(items), M))], 1))
-        for r, w, items, ws in groups:     # count after every feature of the step is read, as the program does
-            if m:
-                ok = (r < m)[:, None] & (items < m)[None, :]
-                add = (w[:, None] * ws[None, :] * ok).astype(np.float32)
-                np.add.at(counts, (np.minimum(r, m - 1)[:, None], np.minimum(items, m - 1)[None, :]), add)
-                np.add.at(out, np.minimum(r, m - 1), add.sum(1))
+        for r, w, items, ws in groups:     # counted after every feature of the step is read, as the program does
+            self.memory.count(r, w, items, ws)
         return (np.concatenate([np.broadcast_to(r, (len(items), L)) for r, _, items, _ in groups]),
                 np.concatenate([np.broadcast_to(w, (len(items), L)) for _, w, items, _ in groups]),
                 np.concatenate([items for *_, items, _ in groups]), np.concatenate([ws for *_, ws in groups]),
@@ -399,15 +356,7 @@ class SequenceModel(TableModel):
         live = np.zeros(scores.shape[1], bool)
         live[self.items.live_rows()] = True
         scores[:, ~live] = -np.inf
-        out = []
-        for j, user in enumerate(users):
-            row = scores[j]
-            if exclude_seen and self.seen.get(user):
-                row[np.fromiter(self.seen[user], np.int64)] = -np.inf
-            top = np.argsort(-row, kind="stable")[:k]
-            top = top[np.isfinite(row[top])]
-            out.append(Recommendation([self.items.ids[i] for i in top], row[top].astype(np.float64).tolist()))
-        return out
+        return top_k_lists(scores, users, k, self.seen, self.items.ids, exclude_seen)
 
     # ---- fused: every window of a call in one XLA program ------------------------------------------
     def warm_up(self, k: int) -> None:
@@ -437,45 +386,41 @@ class SequenceModel(TableModel):
         pair_end, rec_end, excl_end, visible, due = [], [], [], [], []
         n_pairs = n_recs = n_excl = 0
         version, step0 = self.version, self.steps
-        for window_end, increments in windows:
-            chunks = micro_batches(increments, batch_size)
-            frozen = self.frozen_at(window_end)
-            for c, chunk in enumerate(chunks):
-                step = self.steps
-                if frozen:
-                    self.observe(chunk)
-                    n = 0
-                else:
-                    groups = self._pairs(chunk, step, protect_from=step0)
-                    self.steps += 1
-                    self._grow()    # the counts must have room for this step's items before they are counted
-                    self._reinit_reused()
-                    neg = self._negatives() if groups else np.zeros(self.cfg.sequence_negatives, np.int32)
-                    arrays = self._step_arrays(groups, neg)
-                    n = len(arrays[2])
-                    for name, a in zip(("ctx_r", "ctx_w", "item", "weight", "feature"), arrays):
-                        parts[name].append(a)
-                parts["neg"].append(neg if not frozen else np.zeros(self.cfg.sequence_negatives, np.int32))
-                if chunk and not frozen:
-                    version += 1    # as in learn_many
-                n_pairs += n
-                pair_end.append(n_pairs)
-                if c == len(chunks) - 1:
-                    users = list(dict.fromkeys(inc.user_id for inc in increments))
-                    rows, weights = self.history.contexts(users)
-                    parts["list_r"].append(rows)
-                    parts["list_w"].append(weights)
-                    for user in users:
-                        seen = self.seen.get(user) if exclude_seen else None
-                        if seen:
-                            parts["excl_rec"].append(np.full(len(seen), n_recs, np.int32))
-                            parts["excl_item"].append(self._seen_arrays.view(user, seen))
-                            n_excl += len(seen)
-                        due.append((user, window_end, version))
-                        n_recs += 1
-                rec_end.append(n_recs)
-                excl_end.append(n_excl)
-                visible.append(step - step0)
+        no_negatives = np.zeros(self.cfg.sequence_negatives, np.int32)
+        for window_end, increments, chunk, frozen, last in self.window_steps(windows, batch_size):
+            step = self.steps
+            neg = no_negatives
+            if frozen:
+                self.observe(chunk)
+            else:
+                groups = self._pairs(chunk, step, protect_from=step0)
+                self.steps += 1
+                self._grow()    # the counts must have room for this step's items before they are counted
+                self._reinit_reused()
+                neg = self._negatives() if groups else no_negatives
+                arrays = self._step_arrays(groups, neg)
+                n_pairs += len(arrays[2])
+                for name, a in zip(("ctx_r", "ctx_w", "item", "weight", "feature"), arrays):
+                    parts[name].append(a)
+                version += bool(chunk)    # as in learn_many
+            parts["neg"].append(neg)
+            pair_end.append(n_pairs)
+            if last:
+                users = list(dict.fromkeys(inc.user_id for inc in increments))
+                rows, weights = self.history.contexts(users)
+                parts["list_r"].append(rows)
+                parts["list_w"].append(weights)
+                for user in users:
+                    seen = self._seen_rows(user, exclude_seen)
+                    if len(seen):
+                        parts["excl_rec"].append(np.full(len(seen), n_recs, np.int32))
+                        parts["excl_item"].append(seen)
+                        n_excl += len(seen)
+                    due.append((user, window_end, version))
+                    n_recs += 1
+            rec_end.append(n_recs)
+            excl_end.append(n_excl)
+            visible.append(step - step0)
         self._grow()
         self._reinit_reused()
         born = self._item_born(self.capacity(), step0)
@@ -575,11 +520,7 @@ class SequenceModel(TableModel):
                                             list_excl_end, excl_rec, excl_item, cap, k, out_v, out_i)
                 return s + 1, out_v, out_i
 
-            _, out_v, out_i = tf.while_loop(
-                lambda s, ov, oi: s < n_steps, step,
-                [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], float("-inf")), tf.zeros([XLA_LISTS_PAD, k], tf.int32)],
-                parallel_iterations=1)
-            return out_v, out_i
+            return xb.step_loop(step, n_steps, k)
 
         i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
@@ -596,7 +537,7 @@ class SequenceModel(TableModel):
         return {"item_context_emb": self.E_in.numpy()[:n], "item_emb": self.E_out.numpy()[:n],
                 "item_bias": self.b.numpy()[:n], **{f"adagrad_{j}": a.numpy()[:n] for j, a in enumerate(self.acc)},
                 "counters": np.asarray([self.version, self.steps, self._next_expiry], np.int64),
-                **pack_dense(self._counts, "transitions"), "transitions_out": self._counts_out,
+                **self.memory.state(),
                 "memory_weight": np.concatenate([self.theta.numpy(), self.acc_theta.numpy()]),
                 **self.users.state("users"), **self.items.state("items"), **pack_seen(self.seen),
                 **self.history.state(),
@@ -615,13 +556,10 @@ class SequenceModel(TableModel):
             for var, name in zip(model._variables(), ("item_context_emb", "item_emb", "item_bias", "adagrad_0",
                                                       "adagrad_1", "adagrad_2")):
                 var[:n].assign(z[name])
-        counts = unpack_dense(z, "transitions")
-        m = min(len(counts), int(model.T_out.shape[0]))
-        if m:
-            model._counts[:m, :m] = counts[:m, :m]
-            model._counts_out[:m] = z["transitions_out"][:m]
-            model.T.assign(model._counts.reshape(-1))
-            model.T_out.assign(model._counts_out)
+        model.memory.load(z)
+        if model.memory.size:
+            model.T.assign(model.memory.counts.reshape(-1))
+            model.T_out.assign(model.memory.out)
             model.theta.assign(z["memory_weight"][:1])
             model.acc_theta.assign(z["memory_weight"][1:])
         model.seen = unpack_seen(z)

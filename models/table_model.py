@@ -143,10 +143,29 @@ class TableModel(Recommender):
     def _forget_items(self, rows: set[int]) -> None:
         """Item rows were freed (nothing more to forget by default)."""
 
-    def _note_seen(self, user: str, seen: set[int] | None, rows: list[int]) -> None:
-        """``rows`` were just added to ``seen``, the user's set: keep the user's array in step."""
-        if rows and seen is not None:
-            self._seen_arrays.extend(user, rows)
+    def _register(self, inc, step: int, protect_from: int | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+        """Look up an increment's user and items at model step ``step`` (admission, recency; rows used at steps
+        >= ``protect_from`` are not evicted) and note the items it has seen. Returns (user row, item rows of its
+        positive items, their weights ``log1p(weight)``); ids not admitted (yet) get the fallback row 0."""
+        u = self.users.lookup(inc.user_id, inc.window_end, step, inc.events, protect_from)
+        seen = self.seen.setdefault(inc.user_id, set()) if u or inc.user_id in self.users.pending else None
+        rows, weights, new = [], [], []
+        for item, weight, count in zip(inc.items, inc.weights, inc.counts):
+            i = self.items.lookup(item, inc.window_end, step, count, protect_from)
+            if i and seen is not None and i not in seen:
+                seen.add(i)
+                new.append(i)
+            if weight > 0:
+                rows.append(i)
+                weights.append(np.log1p(weight))
+        if new:
+            self._seen_arrays.extend(inc.user_id, new)
+        return u, np.asarray(rows, np.int32), np.asarray(weights, np.float32)
+
+    def _seen_rows(self, user: str, exclude_seen: bool = True) -> np.ndarray:
+        """The item rows a list of ``user`` leaves out (none when ``exclude_seen`` is off)."""
+        seen = self.seen.get(user) if exclude_seen else None
+        return self._seen_arrays.view(user, seen) if seen else np.zeros(0, np.int32)
 
     def _item_born(self, capacity: int, step0: int) -> np.ndarray:
         """Per item row, the step (relative to ``step0``) at which its id got it; free rows and rows past

@@ -41,10 +41,97 @@ from typing import Sequence
 import numpy as np
 
 from freshet.conf.settings import ModelConfig
-from freshet.models.base import Recommendation, Recommender, StepStats
+from freshet.models.base import Recommendation, Recommender, StepStats, pack_dense, top_k_lists, unpack_dense
 from freshet.models.history import UserHistory
 from freshet.models.increments import Increment
 from freshet.models.popularity import Popularity
+
+
+class TransitionCounts:
+    """The counted transitions, shared by the `transition` baseline and the sequence model's memory:
+    ``counts[h, i]``, the weight of item row ``i`` following row ``h``, and ``out[h]``, its row sums.
+
+    Dense over the first ``size`` item rows, which grows by doubling up to ``bound`` (rows beyond are not
+    counted and score nothing).
+
+    >>> t = TransitionCounts(size=2, bound=4, alpha=0.0, symmetric=0.0)
+    >>> t.grow(3)                      # room for row 2 (callers grow as their tables do)
+    >>> t.count(np.array([0, 1]), np.array([1.0, 0.5]), np.array([2]), np.array([2.0]))
+    >>> t.size, t.counts[:, 2].tolist(), t.out.tolist()
+    (4, [2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0])
+    >>> t.feature(np.array([0, 1]), np.array([1.0, 1.0]), np.array([2, 3])).tolist()   # (2 + 1) / 2
+    [1.5, 0.0]
+    """
+
+    def __init__(self, size: int, bound: int, alpha: float, symmetric: float):
+        self.bound, self.alpha, self.symmetric = bound, alpha, symmetric
+        size = min(size, bound)
+        self.counts = np.zeros((size, size), np.float32)
+        self.out = np.zeros(size, np.float32)
+
+    @property
+    def size(self) -> int:
+        return len(self.out)
+
+    def grow(self, n: int) -> None:
+        """Room for rows ``0..n-1`` (doubling, at most ``bound``)."""
+        m = self.size
+        if n <= m or m >= self.bound:
+            return
+        new = max(m, 1)
+        while new < n:
+            new *= 2
+        new = min(new, self.bound)
+        self.counts = np.pad(self.counts, [(0, new - m), (0, new - m)])
+        self.out = np.pad(self.out, [(0, new - m)])
+
+    def count(self, rows: np.ndarray, weights: np.ndarray, items: np.ndarray, item_weights: np.ndarray) -> None:
+        """``items`` (with ``item_weights``) followed the context ``rows`` (with ``weights``)."""
+        m = self.size
+        if not m:
+            return
+        add = (weights[:, None] * item_weights[None, :] * ((rows < m)[:, None] & (items < m)[None, :]))
+        h = np.minimum(rows, m - 1)
+        np.add.at(self.counts, (h[:, None], np.minimum(items, m - 1)[None, :]), add.astype(np.float32))
+        np.add.at(self.out, h, add.sum(1).astype(np.float32))
+
+    def feature(self, rows: np.ndarray, weights: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
+        """For one context: ``sum_j a_j (counts[h_j, c] + symmetric * counts[c, h_j])`` per candidate row ``c``
+        (every counted row when ``cand`` is None), ``a_j`` = the row's share of the context's weight over
+        ``(out[h_j] + 1) ** alpha``; 0 for rows beyond the counts."""
+        m = self.size
+        if not m:
+            return np.zeros(m if cand is None else len(cand), np.float32)
+        h = np.minimum(rows, m - 1)
+        a = weights / max(float(weights.sum()), 1e-9) * (rows < m) * (self.out[h] + 1.0) ** -self.alpha
+        if cand is None:
+            f = a @ self.counts[h]
+            if self.symmetric:
+                f += self.symmetric * (self.counts[:, h] @ a)
+            return f
+        c = np.minimum(cand, m - 1)
+        f = a @ self.counts[np.ix_(h, c)]
+        if self.symmetric:
+            f += self.symmetric * (self.counts[np.ix_(c, h)] @ a)
+        return f * (cand < m)
+
+    def zero(self, rows) -> None:
+        """Rows handed to new items start with no transitions either way."""
+        rows = [r for r in rows if r < self.size]
+        self.counts[rows, :] = 0.0
+        self.counts[:, rows] = 0.0
+        self.out[rows] = 0.0
+
+    def state(self, name: str = "transitions") -> dict[str, np.ndarray]:
+        return {**pack_dense(self.counts, name), f"{name}_out": self.out}
+
+    def load(self, z, name: str = "transitions") -> None:
+        """The counts of :meth:`state` (cut to this object's size, grown to theirs up to ``bound``)."""
+        counts = unpack_dense(z, name)
+        self.grow(len(counts))
+        m = min(len(counts), self.size)
+        self.counts[:m, :m] = counts[:m, :m]
+        self.out[:m] = z[f"{name}_out"][:m]
 
 
 class Transition(Recommender):
@@ -54,25 +141,13 @@ class Transition(Recommender):
         self.cfg = cfg
         self.pop = Popularity(cfg)            # item ids, popularity counts and the seen-item filter
         self.history = UserHistory(cfg.history, cfg.history_decay)
-        cap = min(cfg.initial_capacity, cfg.transition_max_items)
-        self.T = np.zeros((cap, cap), np.float32)     # T[h, i]: weight of i following h
-        self.out = np.zeros(cap, np.float32)          # sum_i T[h, i]
+        self.transitions = TransitionCounts(cfg.initial_capacity, cfg.transition_max_items, cfg.transition_alpha,
+                                            cfg.transition_symmetric)
         self.version = 0
 
     n_users = property(lambda self: len(self.history))
     n_items = property(lambda self: self.pop.n_items)
-
-    def _grow(self, n: int) -> None:
-        cap = len(self.out)
-        if n <= cap or cap >= self.cfg.transition_max_items:
-            return
-        new = cap
-        while new < n:
-            new *= 2
-        new = min(new, self.cfg.transition_max_items)
-        T = np.zeros((new, new), np.float32)
-        T[:cap, :cap] = self.T
-        self.T, self.out = T, np.concatenate([self.out, np.zeros(new - cap, np.float32)])
+    T = property(lambda self: self.transitions.counts)
 
     def observe(self, batch: Sequence[Increment]) -> None:
         """Frozen: seen items grow, nothing else."""
@@ -81,52 +156,40 @@ class Transition(Recommender):
     def learn_many(self, batch: Sequence[Increment]) -> StepStats:
         started = time.perf_counter()
         stats = self.pop.learn_many(batch)
-        self._grow(self.pop.n_items)
-        cap = len(self.out)
+        self.transitions.grow(self.pop.n_items)
         for inc in batch:
             rows = np.asarray([self.pop.items.rows[i] for i in inc.items], np.int32)
             weights = np.asarray(inc.weights, np.float32)
-            ctx_rows, ctx_w = self.history.context(inc.user_id)
             positive = weights > 0
-            ok = (ctx_w > 0) & (ctx_rows < cap)
-            if ok.any() and positive.any():
-                to, w = rows[positive & (rows < cap)], weights[positive & (rows < cap)]
-                np.add.at(self.T, (ctx_rows[ok][:, None], to[None, :]), ctx_w[ok][:, None] * w[None, :])
-                np.add.at(self.out, ctx_rows[ok], ctx_w[ok] * w.sum())
-            if positive.any():
-                self.history.append(inc.user_id, rows[positive], weights[positive])
+            if not positive.any():
+                continue
+            ctx_rows, ctx_w = self.history.context(inc.user_id)
+            if ctx_w.any():
+                self.transitions.count(ctx_rows, ctx_w, rows[positive], weights[positive])
+            self.history.append(inc.user_id, rows[positive], weights[positive])
         if stats.pairs:
             self.version += 1
         return StepStats(0.0, stats.pairs, time.perf_counter() - started)
 
     def scores(self, users: Sequence[str]) -> np.ndarray:
         """``[users, items]``: each user's transition score plus the popularity mix."""
-        n, cap = self.pop.n_items, len(self.out)
         counts = self.pop.current_counts()
         total = counts.sum()
-        pop = self.cfg.transition_popularity * (counts / total if total > 0 else counts)
-        rows, weights = self.history.contexts(users)
-        weights = np.where(rows < cap, weights, 0.0)
-        rows = np.minimum(rows, cap - 1)
-        m = min(n, cap)
-        norm = (self.out[rows] + 1.0) ** self.cfg.transition_alpha           # [U, L]
-        a = weights / np.maximum(weights.sum(1, keepdims=True), 1e-12) / norm
-        out = np.tile(pop, (len(users), 1))
-        counts = self.T[rows, :m]                                           # [U, L, m]
-        if self.cfg.transition_symmetric > 0:
-            counts = counts + self.cfg.transition_symmetric * self.T[:m, rows].transpose(1, 2, 0)
-        out[:, :m] += np.einsum("ul,uln->un", a, counts)
+        out = np.tile(self.cfg.transition_popularity * (counts / total if total > 0 else counts), (len(users), 1))
+        m = min(self.pop.n_items, self.transitions.size)
+        for j, user in enumerate(users):
+            if user in self.history:
+                out[j, :m] += self.transitions.feature(*self.history.context(user))[:m]
         return out
 
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
         if not users or self.pop.n_items == 0:
             return [Recommendation([], []) for _ in users]
-        return self.pop.top_k(self.scores(users), users, k, exclude_seen)
+        return top_k_lists(self.scores(users), users, k, self.pop.seen, self.pop.items.ids, exclude_seen)
 
     def state(self) -> dict[str, np.ndarray]:
-        m = min(self.pop.n_items, len(self.out))
         return {**{f"pop_{k}": v for k, v in self.pop.state().items()}, **self.history.state(),
-                "transitions": self.T[:m, :m], "transition_out": self.out[:m], "version": np.int64(self.version),
+                **self.transitions.state(), "version": np.int64(self.version),
                 "config": np.frombuffer(json.dumps(self.cfg.__dict__).encode(), np.uint8)}
 
     @classmethod
@@ -134,11 +197,6 @@ class Transition(Recommender):
         model = cls(cfg)
         model.pop = Popularity.from_state({k[4:]: z[k] for k in z if k.startswith("pop_")}, cfg)
         model.history = UserHistory.from_state(z, cfg.history, cfg.history_decay)
-        m = len(z["transition_out"])
-        model._grow(m)
-        m = min(m, len(model.out))
-        model.T[:m, :m] = z["transitions"][:m, :m]
-        model.out[:m] = z["transition_out"][:m]
+        model.transitions.load(z)
         model.version = int(z["version"])
         return model
-

@@ -76,6 +76,16 @@ def once(flag, fn: Callable, *state):
     return state
 
 
+def step_loop(step: Callable, n_steps, k: int):
+    """``step(s, out_v, out_i)`` for s = 0 .. n_steps - 1, strictly in order; returns the top-``k`` values and item
+    rows of every list the steps wrote (-inf / 0 in rows no list wrote)."""
+    _, out_v, out_i = tf.while_loop(
+        lambda s, ov, oi: s < n_steps, step,
+        [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], NEG_INF), tf.zeros([XLA_LISTS_PAD, k], tf.int32)],
+        parallel_iterations=1)
+    return out_v, out_i
+
+
 def list_step(s, rec_end, scores_of: Callable, list_excl_end, excl_rec, excl_item, cap: int, k: int, out_v, out_i):
     """Step ``s``'s lists: for each block of its list rows, ``scores_of(r, size)`` gives ``[size, cap]`` scores
     (-inf for items that may not be listed); the rows' seen items are set to -inf; the top-``k`` values and

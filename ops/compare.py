@@ -21,7 +21,7 @@ from freshet.ops.bench import System, run_bounded_with_lists, system_config
 
 FROZEN_SHARE = 0.2   # the frozen model learns from the first 20 % of the log (CONTRACTS §3)
 SYNC_CADENCES = {"10min": 600_000, "1h": 3_600_000, "1d": 86_400_000}   # 10 min = every 10 one-minute windows
-# recent-popularity's half-life, tuned with `freshet tune` on both MovieLens logs (docs/results/tune-baselines.json)
+# recent-popularity's half-life: the best of 30 / 90 / 365 days on both MovieLens logs (docs/EVALUATION.md)
 RECENT_HALF_LIFE_MS = 90 * 86_400_000
 DEFAULT_SYSTEMS = "sequence,bpr,transition,recent-popularity,popularity,frozen"
 
