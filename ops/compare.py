@@ -89,6 +89,7 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
                              **{k: round(v, 5) for k, v in result.overall.items()},
                              "events_per_s": speed["events_per_s"], "processing_s": speed["processing_s"],
                              "cpu_s": speed["cpu_s"], "peak_rss_mib": speed["peak_rss_mib"],
+                             "latency_ms": speed["latency_ms"],   # window closed -> list written, p50/p95/p99
                              "job_seconds": speed["wall_s"],
                              "by_day": {str(d): m["HR@10"] for d, m in sorted(result.by_day.items())}}
             log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
