@@ -190,11 +190,8 @@ class SequenceModel(TableModel):
         m = int(self.T_out.shape[0])
         if m:
             a, h = self._memory_weights(rows, weights)
-            cols = tf.range(m)[None, None, :]
-            forward = tf.einsum("bl,blm->bm", a, tf.gather(self.T, h[:, :, None] * m + cols))   # T[h_j, :]
-            backward = tf.einsum("bl,blm->bm", a, tf.gather(self.T, cols * m + h[:, :, None]))  # T[:, h_j]
-            feature = forward + self.cfg.transition_symmetric * backward
-            feature = tf.pad(feature, [[0, 0], [0, int(self.E_out.shape[0]) - m]])
+            rows_of_t = tf.gather(tf.reshape(self.T, [m, m]), h)                        # [B, L, m], contiguous
+            feature = tf.pad(tf.einsum("bl,blm->bm", a, rows_of_t), [[0, 0], [0, int(self.E_out.shape[0]) - m]])
             scores += self.theta[0] * tf.math.log(MEMORY_EPS + feature)
         return scores
 
@@ -249,10 +246,11 @@ class SequenceModel(TableModel):
         m = int(self.T_out.shape[0])
         if not m:
             return
-        h = tf.minimum(ctx_rows, m - 1)
+        h, i = tf.minimum(ctx_rows, m - 1), tf.minimum(item, m - 1)[:, None]
         counted = ctx_w * tf.cast(ctx_rows < m, tf.float32) * tf.cast(item < m, tf.float32)[:, None] * weight[:, None]
-        at = h * m + tf.minimum(item, m - 1)[:, None]
-        self.T.scatter_add(tf.IndexedSlices(tf.reshape(counted, [-1]), tf.reshape(at, [-1])))
+        at, back, s = h * m + i, i * m + h, self.cfg.transition_symmetric     # T[h, i] and, symmetric, T[i, h]
+        updates, where = (counted, at) if not s else (tf.concat([counted, s * counted], 1), tf.concat([at, back], 1))
+        self.T.scatter_add(tf.IndexedSlices(tf.reshape(updates, [-1]), tf.reshape(where, [-1])))
         self.T_out.scatter_add(tf.IndexedSlices(tf.reshape(counted, [-1]), tf.reshape(h, [-1])))
 
     def _adagrad(self, j: int, rows, grad):
