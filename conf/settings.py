@@ -81,6 +81,14 @@ class LocalConfig:
     kafka_port: int = 9092
     zookeeper_port: int = 2181
     flink_rest_port: int = 8081
+    taskmanagers: int = 1
+    taskmanager_slots: int = 2
+    taskmanager_memory_mb: int = 3072
+
+    def __post_init__(self):
+        _require(1 <= self.taskmanagers <= 16, "local.taskmanagers must be in [1, 16]")
+        _require(1 <= self.taskmanager_slots <= 64, "local.taskmanager_slots must be in [1, 64]")
+        _require(self.taskmanager_memory_mb >= 1024, "local.taskmanager_memory_mb must be >= 1024")
 
     def home_path(self, root: Path | None = None) -> Path:
         """The git-ignored state folder, relative paths taken from the project root."""

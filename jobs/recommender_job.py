@@ -18,7 +18,7 @@ from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironmen
 
 from freshet.conf.settings import Config, load_config
 from freshet.jobs import tables
-from freshet.ops import processes, vendor
+from freshet.ops import processes, savepoints, vendor
 from freshet.ops.python_workers import worker_environment
 from freshet.udfs.parse_events import RESULT_NAMES as PARSED_COLUMNS, parse_event_function
 from freshet.udfs.recommend_online import INPUT_TYPE, OUTPUT_TYPE, RecommendOnline
@@ -41,6 +41,9 @@ def flink_configuration(cfg: Config) -> Configuration:
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
     conf.set_string("state.backend.type", cfg.flink.state_backend)
     conf.set_string("execution.checkpointing.dir", (home / "checkpoints").resolve().as_uri())
+    conf.set_string("execution.checkpointing.savepoint-dir", (home / "savepoints").resolve().as_uri())
+    # A cancelled job, or one whose client died, can resume from its last checkpoint (`--from-savepoint`).
+    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     if cfg.flink.checkpoint_interval_ms > 0:
         conf.set_string("execution.checkpointing.interval", f"{cfg.flink.checkpoint_interval_ms} ms")
         conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
@@ -174,13 +177,19 @@ def prepare_local_runtime(cfg: Config) -> None:
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))
 
 
-def run(cfg: Config, bounded: bool, reference: bool = False) -> None:
+def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str | None = None,
+        wait: bool = True) -> None:
     """Build and execute the job on the environment Flink gives us (local runtime, or the cluster's).
 
     ``reference``: the JVM-only benchmark reference instead of the job (``freshet bench``).
+    ``from_savepoint``: resume from this savepoint or retained checkpoint (the local runtime; ``flink run``
+    takes it as ``-s``). ``wait``: until the job ends (not for ``flink run -d``, which returns at once).
+    The job's config is recorded under its id, so that a savepoint of it can be checked before a resume.
     """
     prepare_local_runtime(cfg)
     conf = flink_configuration(cfg)
+    if from_savepoint:
+        conf.set_string("execution.state-recovery.path", from_savepoint)
     # The local runtime's temporary files (each Flink JVM extracts a 24 MB RPC jar) in a folder of this
     # process, not in /tmp, where a job stopped with SIGTERM left them. (A cluster uses its own setting.)
     conf.set_string("io.tmp.dirs", str(processes.private_tmp_dir(cfg.local.home_path().resolve() / "tmp")))
@@ -189,7 +198,12 @@ def run(cfg: Config, bounded: bool, reference: bool = False) -> None:
         build_reference_pipeline(env, cfg, bounded).execute().wait()
         return
     build_pipeline(env, cfg, bounded)
-    env.execute(JOB_NAME)
+    client = env.execute_async(JOB_NAME)
+    job_id = str(client.get_job_id())
+    savepoints.record_job(cfg, job_id)
+    print(f"job {job_id} started", file=sys.stderr, flush=True)
+    if wait:
+        client.get_job_execution_result().result()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bounded", action="store_true", help="stop when the input topic is drained")
     parser.add_argument("--reference", action="store_true",
                         help="run the JVM-only benchmark reference (no Python, no model) instead of the job")
+    parser.add_argument("--from-savepoint", metavar="PATH", help="resume from a savepoint or retained checkpoint")
+    parser.add_argument("--detached", action="store_true",
+                        help="return once the job is submitted (`flink run -d`; the cluster runs it)")
     args = parser.parse_args(argv)
-    run(load_config(args.config), args.bounded, args.reference)
+    run(load_config(args.config), args.bounded, args.reference, from_savepoint=args.from_savepoint,
+        wait=not args.detached)
 
 
 if __name__ == "__main__":

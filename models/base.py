@@ -157,6 +157,7 @@ class Recommender(ABC):
     @classmethod
     def restore(cls, path, cfg) -> "Recommender":
         with np.load(path, allow_pickle=False) as z:
+            check_fixed_settings(z, cfg)
             return cls.from_state(z, cfg)
 
     def to_bytes(self) -> bytes:
@@ -167,6 +168,29 @@ class Recommender(ABC):
     @classmethod
     def from_bytes(cls, data: bytes, cfg) -> "Recommender":
         return cls.restore(io.BytesIO(data), cfg)
+
+
+# Settings a saved state is made with: the shapes of its variables depend on them.
+FIXED_SETTINGS = ("kind", "dim")
+
+
+def check_fixed_settings(z: Mapping[str, np.ndarray], cfg) -> None:
+    """A ``ValueError`` naming the setting when a saved state (with its ``config``) cannot be loaded under ``cfg``.
+
+    >>> from freshet.conf.settings import ModelConfig
+    >>> saved = {"config": np.frombuffer(json.dumps({"kind": "bpr", "dim": 32}).encode(), np.uint8)}
+    >>> check_fixed_settings(saved, ModelConfig(kind="bpr", dim=16))
+    Traceback (most recent call last):
+    ...
+    ValueError: the saved model has model.dim 32, the config says 16: set it back to resume this state
+    """
+    if "config" not in z:
+        return
+    saved = json.loads(bytes(z["config"]).decode())
+    for key in FIXED_SETTINGS:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise ValueError(f"the saved model has model.{key} {saved[key]}, the config says {getattr(cfg, key)}: "
+                             "set it back to resume this state")
 
 
 def pack_seen(seen: Mapping[str, set[int]]) -> dict[str, np.ndarray]:

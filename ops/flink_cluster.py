@@ -1,4 +1,4 @@
-"""A local standalone Flink cluster (one JobManager, one TaskManager) on 127.0.0.1, and job submission.
+"""A local standalone Flink cluster (one JobManager, ``local.taskmanagers`` TaskManagers) on 127.0.0.1, and jobs.
 
 The processes come from the installed apache-flink distribution (``pyflink/bin``); their configuration,
 logs and pid files live under ``<home>/flink-cluster`` (never inside site-packages). Jobs are sent with
@@ -29,22 +29,54 @@ FLINK_HOME = Path(pyflink.__file__).parent
 
 
 @dataclass(frozen=True)
+class TaskManagerInfo:
+    id: str
+    slots_total: int
+    slots_free: int
+
+    def __str__(self) -> str:
+        return f"TaskManager {self.id}: {self.slots_total} slots, {self.slots_free} free"
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    id: str
+    name: str
+    state: str
+
+    def __str__(self) -> str:
+        return f"job {self.id} {self.name}: {self.state}"
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     url: str
     reachable: bool
-    taskmanagers: int = 0
-    slots_total: int = 0
-    jobs_running: int = 0
+    taskmanagers: tuple[TaskManagerInfo, ...] = ()
+    jobs: tuple[JobInfo, ...] = ()
+    wanted: int = 1
 
     @property
     def running(self) -> bool:
-        return self.reachable and self.taskmanagers > 0
+        return self.reachable and len(self.taskmanagers) > 0
+
+    @property
+    def slots_total(self) -> int:
+        return sum(tm.slots_total for tm in self.taskmanagers)
+
+    @property
+    def jobs_running(self) -> int:
+        return sum(job.state == "RUNNING" for job in self.jobs)
 
     def __str__(self) -> str:
         if not self.reachable:
             return f"flink cluster not running ({self.url} unreachable)"
-        return (f"flink cluster running at {self.url}: {self.taskmanagers} TaskManager(s), "
-                f"{self.slots_total} slots, {self.jobs_running} job(s) running")
+        lines = [f"flink cluster running at {self.url}: {len(self.taskmanagers)} of {self.wanted} TaskManager(s), "
+                 f"{self.slots_total} slots ({sum(tm.slots_free for tm in self.taskmanagers)} free), "
+                 f"{self.jobs_running} job(s) running"]
+        lines += [f"  {tm}" for tm in self.taskmanagers]
+        lines += [f"  {job}" for job in self.jobs if job.state not in ("FINISHED", "CANCELED", "FAILED")]
+        return "\n".join(lines)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -75,8 +107,10 @@ class LocalFlinkCluster:
         settings = {
             "jobmanager": {"rpc": {"address": HOST, "port": self.port + 1000}, "bind-host": HOST,
                            "memory": {"process": {"size": "1024m"}}},
-            "taskmanager": {"bind-host": HOST, "host": HOST, "numberOfTaskSlots": 2,
-                            "memory": {"process": {"size": "3072m"}}},
+            "taskmanager": {"bind-host": HOST, "host": HOST, "numberOfTaskSlots": self.cfg.local.taskmanager_slots,
+                            "memory": {"process": {"size": f"{self.cfg.local.taskmanager_memory_mb}m"}}},
+            # A TaskManager killed with -9 is noticed in 15 s (default 50 s), so its job restarts sooner.
+            "heartbeat": {"interval": 3000, "timeout": 15000},
             "rest": {"address": HOST, "bind-address": HOST, "port": self.port},
             # Temporary files (the RPC system's 24 MB jar each process extracts, blobs, spill files) in the
             # cluster's folder: a process killed with -9 cannot delete its own, and stop() removes them.
@@ -123,11 +157,16 @@ class LocalFlinkCluster:
             return json.loads(resp.read())
 
     def status(self) -> ClusterStatus:
+        """What the JobManager reports (TaskManagers a while after they died included: see :meth:`start`)."""
+        wanted = self.cfg.local.taskmanagers
         try:
-            o = self._rest("/overview")
+            tms = self._rest("/taskmanagers").get("taskmanagers", [])
+            jobs = self._rest("/jobs/overview").get("jobs", [])
         except OSError:
-            return ClusterStatus(self.url, False)
-        return ClusterStatus(self.url, True, o.get("taskmanagers", 0), o.get("slots-total", 0), o.get("jobs-running", 0))
+            return ClusterStatus(self.url, False, wanted=wanted)
+        return ClusterStatus(self.url, True,
+                             tuple(TaskManagerInfo(t["id"], t.get("slotsNumber", 0), t.get("freeSlots", 0)) for t in tms),
+                             tuple(JobInfo(j["jid"], j.get("name", ""), j.get("state", "")) for j in jobs), wanted)
 
     def pids(self) -> dict[str, list[int]]:
         """Process ids from Flink's own pid files (``flink-<user>-<role>.pid``), live ones only."""
@@ -137,31 +176,52 @@ class LocalFlinkCluster:
             out[role] = [int(x) for x in f.read_text().split() if x.strip().isdigit() and processes.pid_alive(int(x))]
         return out
 
-    def start(self, log=print, timeout: float = 90.0) -> ClusterStatus:
-        current = self.status()
-        if current.running:
-            log(f"{current} (already)")
-            return current
-        if processes.port_open(HOST, self.port):
-            raise RuntimeError(f"port {self.port} is taken by something that is not a Flink cluster with a "
-                               "TaskManager; stop it or set local.flink_rest_port")
-        done = subprocess.run(["bash", str(FLINK_HOME / "bin" / "start-cluster.sh")], env=self._env(),
+    def _daemon(self, script: str, action: str) -> None:
+        done = subprocess.run(["bash", str(FLINK_HOME / "bin" / script), action], env=self._env(),
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"start-cluster.sh failed:\n{done.stdout}\n{done.stderr}")
+            raise RuntimeError(f"{script} {action} failed:\n{done.stdout}\n{done.stderr}")
+
+    def start(self, log=print, timeout: float = 90.0) -> ClusterStatus:
+        """Bring the cluster up to ``local.taskmanagers`` live TaskManager processes: start the JobManager if
+        none answers, then one TaskManager per missing process (a TaskManager killed with -9 is replaced,
+        although the JobManager lists it until its heartbeat times out). Idempotent."""
+        if not self.status().reachable:
+            if processes.port_open(HOST, self.port):
+                raise RuntimeError(f"port {self.port} is taken by something that is not a Flink JobManager; stop it "
+                                   "or set local.flink_rest_port")
+            self._daemon("jobmanager.sh", "start")
+            processes.wait_for_port(HOST, self.port, timeout, "the Flink JobManager",
+                                    next(iter((self.dir / "logs").glob("*standalonesession*.log")), None))
+            deadline = time.monotonic() + timeout
+            while not self.status().reachable and time.monotonic() < deadline:   # the port opens first
+                time.sleep(0.3)
+        live = len(self.pids().get("taskexecutor", []))
+        missing = self.cfg.local.taskmanagers - live
+        if missing <= 0:
+            current = self.status()
+            log(f"{current} (already)")
+            return current
+        known = {tm.id for tm in self.status().taskmanagers}
+        for _ in range(missing):
+            self._daemon("taskmanager.sh", "start")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
-            if status.running:
+            if len({tm.id for tm in status.taskmanagers} - known) >= missing:
+                log(f"started {missing} TaskManager(s)" + (f" ({live} were running)" if live else ""))
                 log(str(status))
                 return status
             time.sleep(0.5)
-        raise RuntimeError(f"the Flink cluster did not come up within {timeout:.0f}s; see {self.dir / 'logs'}")
+        raise RuntimeError(f"{missing} new TaskManager(s) did not register within {timeout:.0f}s; "
+                           f"see {self.dir / 'logs'}")
 
     def stop(self, log=print) -> None:
         running = self.pids()
         if any(running.values()):
-            subprocess.run(["bash", str(FLINK_HOME / "bin" / "stop-cluster.sh")], env=self._env(), capture_output=True)
+            for script in ("taskmanager.sh", "jobmanager.sh"):
+                subprocess.run(["bash", str(FLINK_HOME / "bin" / script), "stop-all"], env=self._env(),
+                               capture_output=True)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and any(processes.pid_alive(p) for ps in running.values() for p in ps):
                 time.sleep(0.3)
@@ -170,28 +230,16 @@ class LocalFlinkCluster:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)   # incl. what processes killed with -9 left behind
         log("flink cluster stopped" if any(running.values()) else "flink cluster was not running")
 
-    def start_taskmanager(self, log=print, timeout: float = 90.0) -> None:
-        """Start one more TaskManager (after one was lost) and wait until it has registered."""
-        before = self.status().taskmanagers
-        done = subprocess.run(["bash", str(FLINK_HOME / "bin" / "taskmanager.sh"), "start"], env=self._env(),
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"taskmanager.sh start failed:\n{done.stdout}\n{done.stderr}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.status().taskmanagers > before:
-                log(str(self.status()))
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"no new TaskManager registered within {timeout:.0f}s; see {self.dir / 'logs'}")
-
     # ---- jobs ---------------------------------------------------------------------------------
-    def submit(self, config_path: Path | None, bounded: bool, env_overrides: dict[str, str] | None = None) -> str:
-        """``flink run`` the job (detached); returns its job id. The connector jars travel with the job
-        (``pipeline.jars``, set by the job itself), so the cluster needs nothing installed for Kafka."""
+    def submit(self, config_path: Path | None, bounded: bool, env_overrides: dict[str, str] | None = None,
+               from_savepoint: str | None = None) -> str:
+        """``flink run`` the job (detached), from a savepoint or retained checkpoint if given; returns its job
+        id. The connector jars travel with the job (``pipeline.jars``, set by the job itself), so the cluster
+        needs nothing installed for Kafka."""
         args = [str(FLINK_HOME / "bin" / "flink"), "run", "-d", "-m", f"{HOST}:{self.port}",
+                *(["-s", from_savepoint] if from_savepoint else []),
                 "-pyexec", sys.executable, "-pyclientexec", sys.executable,
-                "-pym", "freshet.jobs.recommender_job"]
+                "-pym", "freshet.jobs.recommender_job", "--detached"]
         job_args = (["--config", str(Path(config_path).resolve())] if config_path else []) + (["--bounded"] if bounded else [])
         env = {**self._env(), **(env_overrides or {})}
         done = subprocess.run(args + job_args, env=env, capture_output=True, text=True, timeout=300)
@@ -199,6 +247,31 @@ class LocalFlinkCluster:
         if done.returncode != 0 or not match:
             raise RuntimeError(f"flink run failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
         return match.group(1)
+
+    def stop_job(self, job_id: str, target_dir: Path | None = None, timeout: float = 300.0, log=print) -> str:
+        """Flink's stop-with-savepoint (sources stop, a last savepoint is taken and the sinks commit it, the job
+        ends FINISHED); returns the savepoint's location. Windows still open stay in the savepoint (no drain):
+        a job resumed from it closes them when its input goes on."""
+        if self.job_state(job_id) != "RUNNING":
+            raise RuntimeError(f"job {job_id} is {self.job_state(job_id)}, not RUNNING: nothing to stop")
+        target = (target_dir or self.cfg.local.home_path() / "savepoints").resolve()
+        body = json.dumps({"targetDirectory": target.as_uri(), "drain": False}).encode()
+        request = urllib.request.Request(f"{self.url}/jobs/{job_id}/stop", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            trigger = json.loads(resp.read())["request-id"]
+        log(f"stopping job {job_id} with a savepoint in {target} ...")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self._rest(f"/jobs/{job_id}/savepoints/{trigger}")
+            if answer.get("status", {}).get("id") == "COMPLETED":
+                operation = answer.get("operation", {})
+                if "location" not in operation:
+                    cause = operation.get("failure-cause", {}).get("stack-trace", "unknown cause").splitlines()
+                    raise RuntimeError(f"the savepoint of job {job_id} failed: {cause[0] if cause else ''}")
+                return operation["location"]
+            time.sleep(0.5)
+        raise TimeoutError(f"the savepoint of job {job_id} did not complete within {timeout:.0f}s")
 
     def checkpoints(self, job_id: str) -> dict:
         """Flink's checkpoint statistics of a job (counts, latest completed / restored)."""

@@ -16,15 +16,32 @@ def admin(cfg: Config) -> AdminClient:
     return AdminClient(cfg.kafka.client_properties())
 
 
-def ensure_topics(cfg: Config, timeout: float = 60.0, topic_config: dict[str, dict[str, str]] | None = None) -> list[str]:
-    """Create the job's topics (input, output, dead letters) if missing; returns the names created.
+class BrokerUnreachable(RuntimeError):
+    """No Kafka broker answered at the configured address."""
+
+
+def topic_names(cfg: Config, timeout: float = 10.0) -> set[str]:
+    """The broker's topics; :class:`BrokerUnreachable` (one line saying what to do) when none answers."""
+    quiet = AdminClient({**cfg.kafka.client_properties(), "log_level": 0})   # the error below says it all
+    try:
+        return set(quiet.list_topics(timeout=timeout).topics)
+    except KafkaException:
+        raise BrokerUnreachable(f"no Kafka broker answered at {cfg.kafka.bootstrap_servers} within {timeout:.0f}s; "
+                                "start the local one with `freshet kafka start` or set kafka.bootstrap_servers") from None
+
+
+def ensure_topics(cfg: Config, timeout: float = 60.0, topic_config: dict[str, dict[str, str]] | None = None,
+                  names: list[str] | None = None) -> list[str]:
+    """Create the job's topics (input, output, dead letters, metrics; or ``names``) if missing, all with
+    ``kafka.partitions`` partitions and no time-based retention; returns the names created.
 
     Retries until every topic exists with partition leaders: right after a delete, Kafka may still
     answer "already exists" for a topic that is about to disappear. ``topic_config``: extra topic
     settings by name (e.g. LogAppendTime timestamps for the benchmark's output topics).
     """
+    topic_names(cfg)      # fail fast, in one line, when there is no broker
     client = admin(cfg)
-    wanted = cfg.kafka.topics()
+    wanted = list(names) if names is not None else cfg.kafka.topics()
     created: list[str] = []
     deadline = time.monotonic() + timeout
     while True:

@@ -120,6 +120,13 @@ def replay(cfg: Config, df: pd.DataFrame, topic: str | None = None, speed: float
     (steady load, whatever the timestamps), neither: as fast as possible."""
     from freshet.ops import kafka_io
     topic = topic or cfg.kafka.input_topic
+    if producer_factory is None:
+        # Before the first record: a missing topic is created like the job's own (partitions, no time-based
+        # retention: replays carry historical timestamps); no broker is one clear error, not one per record.
+        created = kafka_io.ensure_topics(cfg, names=[topic])
+        if created and progress:
+            print(f"created topic '{topic}' ({cfg.kafka.partitions} partitions, no time-based retention)",
+                  file=sys.stderr)
     prod = (producer_factory or kafka_io.producer)(cfg)
     report = kafka_io.DeliveryReport()
     bar = Progress(len(df), f"replay -> {topic}") if progress else None

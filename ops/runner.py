@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from freshet.conf.settings import Config
+from freshet.conf.settings import Config, ConfigError
 from freshet.ops import kafka_io
 
 
@@ -39,17 +39,29 @@ class TopicProgress(threading.Thread):
         self._halt.set()
 
 
-def run_job(cfg: Config, bounded: bool, log=print) -> float:
-    """Run the job on the local Flink runtime; returns wall seconds."""
+def run_job(cfg: Config, bounded: bool, log=print, from_savepoint: str | None = None) -> float:
+    """Run the job on the local Flink runtime, from a savepoint or retained checkpoint if given (``latest``:
+    the newest retained checkpoint of any earlier job); returns wall seconds."""
     from freshet.jobs import recommender_job
+    from freshet.ops import savepoints
+    if from_savepoint == "latest":
+        found = savepoints.latest_checkpoint(cfg)
+        if found is None:
+            raise ConfigError(f"no retained checkpoint under {cfg.local.home_path() / 'checkpoints'}")
+        from_savepoint = str(found)
+    if from_savepoint:
+        savepoints.check_resume(cfg, from_savepoint)
     kafka_io.ensure_topics(cfg)
     progress = TopicProgress(cfg, log=log)
     started = time.monotonic()
     log(f"starting the job on the local Flink runtime ({'bounded' if bounded else 'unbounded'}; "
-        f"input '{cfg.kafka.input_topic}' at {cfg.kafka.bootstrap_servers})")
+        f"input '{cfg.kafka.input_topic}' at {cfg.kafka.bootstrap_servers}"
+        + (f"; resuming from {from_savepoint}" if from_savepoint else "") + ")")
+    log(f"checkpoints are kept in {cfg.local.home_path() / 'checkpoints'}/<job id>/chk-<n>; a stopped run resumes "
+        "with `freshet run --from-savepoint latest` (or that folder)")
     progress.start()
     try:
-        recommender_job.run(cfg, bounded)
+        recommender_job.run(cfg, bounded, from_savepoint=from_savepoint)
     finally:
         progress.stop()
     seconds = time.monotonic() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from freshet.conf.settings import Config, ConfigError, load_config
@@ -43,13 +44,31 @@ def cmd_submit(args) -> int:
     cluster = LocalFlinkCluster(cfg)
     if not cluster.status().reachable:
         raise RuntimeError(f"no Flink cluster at {cluster.url}; start one with `freshet cluster start`")
+    if args.from_savepoint:
+        from freshet.ops import savepoints
+        savepoints.check_resume(cfg, args.from_savepoint)
     kafka_io.ensure_topics(cfg)
-    job_id = cluster.submit(args.config, args.bounded)
+    job_id = cluster.submit(args.config, args.bounded, from_savepoint=args.from_savepoint)
     print(job_id)
     if args.wait:
         state = cluster.wait(job_id, timeout=args.wait)
         print(f"job {job_id}: {state}", file=sys.stderr)
         return 0 if state == "FINISHED" else 1
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from freshet.ops import savepoints
+    from freshet.ops.flink_cluster import LocalFlinkCluster
+    cfg = _config(args)
+    cluster = LocalFlinkCluster(cfg)
+    started = time.monotonic()
+    location = cluster.stop_job(args.job_id, args.savepoint_dir, timeout=args.timeout,
+                                log=lambda line: print(line, file=sys.stderr))
+    savepoints.attach_config(cfg, args.job_id, location)
+    print(f"savepoint complete in {time.monotonic() - started:.1f}s; resume with "
+          f"`freshet submit --from-savepoint {location}`", file=sys.stderr)
+    print(location)
     return 0
 
 
@@ -89,7 +108,7 @@ def cmd_replay(args) -> int:
 
 def cmd_run(args) -> int:
     from freshet.ops.runner import run_job
-    run_job(_config(args), bounded=args.bounded)
+    run_job(_config(args), bounded=args.bounded, from_savepoint=args.from_savepoint)
     return 0
 
 
@@ -188,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounded", action="store_true", help="stop once the input topic is drained")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="wait up to SECONDS for the job to finish; exit 0 only if it FINISHED")
+    p.add_argument("--from-savepoint", metavar="PATH",
+                   help="resume from a savepoint (`freshet stop` prints its path) or a retained checkpoint "
+                        "(<home>/checkpoints/<job id>/chk-<n>): the same model, the input from the saved offsets")
+
+    p = add("stop", cmd_stop, "Stop a cluster job with a savepoint (Flink's stop-with-savepoint); prints the "
+                              "savepoint's path on the last line, for `freshet submit --from-savepoint PATH`.")
+    p.add_argument("job_id", help="the job id `freshet submit` printed (also in `freshet cluster status`)")
+    p.add_argument("--savepoint-dir", type=Path, help="where the savepoint goes (default: <home>/savepoints)")
+    p.add_argument("--timeout", type=float, default=300, metavar="SECONDS", help="how long to wait for the savepoint")
 
     p = add("topics", cmd_topics, "Show record counts of, or reset (delete and recreate), the job's topics.")
     p.add_argument("action", choices=["status", "reset"])
@@ -207,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "Run the job on the local Flink runtime.")
     p.add_argument("--bounded", action="store_true", help="stop once the input topic is drained")
+    p.add_argument("--from-savepoint", metavar="PATH",
+                   help="resume from a savepoint or a retained checkpoint (<home>/checkpoints/<job id>/chk-<n>; "
+                        "'latest': the newest one of any earlier run), with its model and input offsets")
 
     p = add("recs", cmd_recs, "Print recommendations from the sink topic (read_committed), one JSON per line.")
     p.add_argument("--topic", help="topic (default: kafka.output_topic)")

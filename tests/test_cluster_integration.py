@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
 from freshet.conf.settings import dump_config
-from freshet.ops import kafka_io
+from freshet.ops import kafka_io, processes
 from freshet.ops.flink_cluster import LocalFlinkCluster
 from tests.test_job_integration import WINDOW, good_events
 
@@ -41,3 +44,39 @@ def test_submitted_job_runs_on_the_cluster_and_writes_one_list_per_user_window(c
     recs = kafka_io.read_json(cfg, cfg.kafka.output_topic)
     keys = [(r["user_id"], r["window_end"]) for r in recs]
     assert sorted(keys) == sorted({(e["user_id"], e["ts"] - e["ts"] % WINDOW + WINDOW) for e in events})
+
+
+@pytest.fixture
+def two_taskmanagers(cfg):
+    c = LocalFlinkCluster(cfg.replace(local={"flink_rest_port": TEST_REST_PORT + 10, "taskmanagers": 2,
+                                             "taskmanager_slots": 1, "taskmanager_memory_mb": 1536}))
+    c.stop(log=lambda *_: None)
+    yield c
+    c.stop()
+    assert not any(c.pids().values()), "cluster processes must be gone after stop"
+
+
+def test_cluster_start_brings_up_the_configured_taskmanagers_and_replaces_a_lost_one(two_taskmanagers):
+    c = two_taskmanagers
+    said: list[str] = []
+    status = c.start(log=said.append)
+    assert len(status.taskmanagers) == 2 and status.slots_total == 2
+    assert len(c.pids()["taskexecutor"]) == 2
+    assert "2 of 2 TaskManager(s)" in str(status) and str(status).count("TaskManager ") == 2
+
+    c.start(log=said.append)            # idempotent: nothing more starts
+    assert said[-1].endswith("(already)")
+    assert len(c.pids()["taskexecutor"]) == 2
+
+    lost = c.pids()["taskexecutor"][0]
+    os.kill(lost, signal.SIGKILL)
+    for _ in range(50):
+        if not processes.pid_alive(lost):
+            break
+        time.sleep(0.1)
+    before = {tm.id for tm in c.status().taskmanagers}     # the JobManager still lists the lost one
+    status = c.start(log=said.append)
+    live = c.pids()["taskexecutor"]
+    assert len(live) == 2 and lost not in live
+    assert len({tm.id for tm in status.taskmanagers} - before) == 1, "exactly one replacement"
+    assert any("started 1 TaskManager(s) (1 were running)" in line for line in said), said
