@@ -198,12 +198,14 @@ def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str
         build_reference_pipeline(env, cfg, bounded).execute().wait()
         return
     build_pipeline(env, cfg, bounded)
+    if not wait:      # `flink run -d`: execute() hands the job to the cluster and returns
+        savepoints.record_job(cfg, str(env.execute(JOB_NAME).get_job_id()), bounded)
+        return
     client = env.execute_async(JOB_NAME)
     job_id = str(client.get_job_id())
-    savepoints.record_job(cfg, job_id)
+    savepoints.record_job(cfg, job_id, bounded)
     print(f"job {job_id} started", file=sys.stderr, flush=True)
-    if wait:
-        client.get_job_execution_result().result()
+    client.get_job_execution_result().result()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,11 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", action="store_true",
                         help="run the JVM-only benchmark reference (no Python, no model) instead of the job")
     parser.add_argument("--from-savepoint", metavar="PATH", help="resume from a savepoint or retained checkpoint")
-    parser.add_argument("--detached", action="store_true",
+    # Not --detached: `flink run` takes that for its own option even after the module's name.
+    parser.add_argument("--no-wait", action="store_true",
                         help="return once the job is submitted (`flink run -d`; the cluster runs it)")
     args = parser.parse_args(argv)
     run(load_config(args.config), args.bounded, args.reference, from_savepoint=args.from_savepoint,
-        wait=not args.detached)
+        wait=not args.no_wait)
 
 
 if __name__ == "__main__":

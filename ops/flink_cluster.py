@@ -239,7 +239,7 @@ class LocalFlinkCluster:
         args = [str(FLINK_HOME / "bin" / "flink"), "run", "-d", "-m", f"{HOST}:{self.port}",
                 *(["-s", from_savepoint] if from_savepoint else []),
                 "-pyexec", sys.executable, "-pyclientexec", sys.executable,
-                "-pym", "freshet.jobs.recommender_job", "--detached"]
+                "-pym", "freshet.jobs.recommender_job", "--no-wait"]
         job_args = (["--config", str(Path(config_path).resolve())] if config_path else []) + (["--bounded"] if bounded else [])
         env = {**self._env(), **(env_overrides or {})}
         done = subprocess.run(args + job_args, env=env, capture_output=True, text=True, timeout=300)
@@ -248,14 +248,16 @@ class LocalFlinkCluster:
             raise RuntimeError(f"flink run failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
         return match.group(1)
 
-    def stop_job(self, job_id: str, target_dir: Path | None = None, timeout: float = 300.0, log=print) -> str:
+    def stop_job(self, job_id: str, target_dir: Path | None = None, timeout: float = 300.0, log=print,
+                 drain: bool = False) -> str:
         """Flink's stop-with-savepoint (sources stop, a last savepoint is taken and the sinks commit it, the job
-        ends FINISHED); returns the savepoint's location. Windows still open stay in the savepoint (no drain):
-        a job resumed from it closes them when its input goes on."""
+        ends FINISHED); returns the savepoint's location. Windows still open stay in the savepoint: a job
+        resumed from it closes them when its input goes on. ``drain``: end of input first (every open window
+        is closed and listed), for a job that is done for good."""
         if self.job_state(job_id) != "RUNNING":
             raise RuntimeError(f"job {job_id} is {self.job_state(job_id)}, not RUNNING: nothing to stop")
         target = (target_dir or self.cfg.local.home_path() / "savepoints").resolve()
-        body = json.dumps({"targetDirectory": target.as_uri(), "drain": False}).encode()
+        body = json.dumps({"targetDirectory": target.as_uri(), "drain": drain}).encode()
         request = urllib.request.Request(f"{self.url}/jobs/{job_id}/stop", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as resp:
@@ -269,6 +271,9 @@ class LocalFlinkCluster:
                 if "location" not in operation:
                     cause = operation.get("failure-cause", {}).get("stack-trace", "unknown cause").splitlines()
                     raise RuntimeError(f"the savepoint of job {job_id} failed: {cause[0] if cause else ''}")
+                state = self.wait(job_id, timeout=max(deadline - time.monotonic(), 10))   # the sinks commit
+                if state != "FINISHED":
+                    raise RuntimeError(f"job {job_id} ended {state} after its savepoint {operation['location']}")
                 return operation["location"]
             time.sleep(0.5)
         raise TimeoutError(f"the savepoint of job {job_id} did not complete within {timeout:.0f}s")

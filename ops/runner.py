@@ -50,7 +50,7 @@ def run_job(cfg: Config, bounded: bool, log=print, from_savepoint: str | None = 
             raise ConfigError(f"no retained checkpoint under {cfg.local.home_path() / 'checkpoints'}")
         from_savepoint = str(found)
     if from_savepoint:
-        savepoints.check_resume(cfg, from_savepoint)
+        savepoints.check_resume(cfg, from_savepoint, bounded)
     kafka_io.ensure_topics(cfg)
     progress = TopicProgress(cfg, log=log)
     started = time.monotonic()

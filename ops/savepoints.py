@@ -50,11 +50,11 @@ def jobs_dir(cfg: Config) -> Path:
     return cfg.local.home_path() / "jobs"
 
 
-def record_job(cfg: Config, job_id: str) -> Path:
-    """Keep the config a job started with (``<home>/jobs/<job id>.json``)."""
+def record_job(cfg: Config, job_id: str, bounded: bool) -> Path:
+    """Keep the config a job started with (``<home>/jobs/<job id>.json``), and whether its input was bounded."""
     path = jobs_dir(cfg) / f"{job_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config_record(cfg), indent=1))
+    path.write_text(json.dumps({**config_record(cfg), "bounded": bounded}, indent=1))
     return path
 
 
@@ -87,13 +87,20 @@ def saved_config(cfg: Config, location: str) -> dict | None:
     return json.loads(recorded.read_text()) if recorded and recorded.is_file() else None
 
 
-def check_resume(cfg: Config, location: str) -> None:
-    """Raise :class:`ConfigError` (one line) when ``cfg`` cannot resume the state at ``location``."""
+def check_resume(cfg: Config, location: str, bounded: bool) -> None:
+    """Raise :class:`ConfigError` (one line) when ``cfg`` cannot resume the state at ``location``.
+
+    The Kafka source keeps each partition's stopping offset in its state: a savepoint of an unbounded job
+    resumes unbounded (end it with ``freshet stop --drain``), one of a bounded job stops where it would have.
+    """
     saved = saved_config(cfg, location)
     problems = incompatible(saved, cfg) if saved else []
+    if saved and saved.get("bounded", bounded) != bounded:
+        problems.append(f"the saved job's input was {'bounded' if saved['bounded'] else 'unbounded'} (its source "
+                        f"keeps that): {'add' if saved['bounded'] else 'drop'} --bounded")
     if problems:
-        raise ConfigError(f"cannot resume from {location}: {'; '.join(problems)}. These settings are part of the "
-                          "saved model; set them back, or start a fresh job without --from-savepoint")
+        raise ConfigError(f"cannot resume from {location}: {'; '.join(problems)}. These are part of the saved "
+                          "state; set them back, or start a fresh job without --from-savepoint")
 
 
 def latest_checkpoint(cfg: Config, job_id: str | None = None) -> Path | None:

@@ -46,7 +46,7 @@ def cmd_submit(args) -> int:
         raise RuntimeError(f"no Flink cluster at {cluster.url}; start one with `freshet cluster start`")
     if args.from_savepoint:
         from freshet.ops import savepoints
-        savepoints.check_resume(cfg, args.from_savepoint)
+        savepoints.check_resume(cfg, args.from_savepoint, args.bounded)
     kafka_io.ensure_topics(cfg)
     job_id = cluster.submit(args.config, args.bounded, from_savepoint=args.from_savepoint)
     print(job_id)
@@ -64,7 +64,7 @@ def cmd_stop(args) -> int:
     cluster = LocalFlinkCluster(cfg)
     started = time.monotonic()
     location = cluster.stop_job(args.job_id, args.savepoint_dir, timeout=args.timeout,
-                                log=lambda line: print(line, file=sys.stderr))
+                                log=lambda line: print(line, file=sys.stderr), drain=args.drain)
     savepoints.attach_config(cfg, args.job_id, location)
     print(f"savepoint complete in {time.monotonic() - started:.1f}s; resume with "
           f"`freshet submit --from-savepoint {location}`", file=sys.stderr)
@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", help="the job id `freshet submit` printed (also in `freshet cluster status`)")
     p.add_argument("--savepoint-dir", type=Path, help="where the savepoint goes (default: <home>/savepoints)")
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS", help="how long to wait for the savepoint")
+    p.add_argument("--drain", action="store_true", help="end of input first: every open window is closed and "
+                   "listed before the savepoint (for a job that is done; an unbounded job resumed from a "
+                   "savepoint stays unbounded, and this is how it ends)")
 
     p = add("topics", cmd_topics, "Show record counts of, or reset (delete and recreate), the job's topics.")
     p.add_argument("action", choices=["status", "reset"])

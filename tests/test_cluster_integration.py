@@ -80,3 +80,43 @@ def test_cluster_start_brings_up_the_configured_taskmanagers_and_replaces_a_lost
     assert len(live) == 2 and lost not in live
     assert len({tm.id for tm in status.taskmanagers} - before) == 1, "exactly one replacement"
     assert any("started 1 TaskManager(s) (1 were running)" in line for line in said), said
+
+
+def test_duplicate_event_id_after_a_restore_on_another_partition_is_dead_lettered(cluster, tmp_path, capsys):
+    """Duplicates are caught in Flink state keyed by event_id: the memory survives a stop with a savepoint and
+    a resume, and does not depend on the partition a copy arrives on."""
+    from freshet.ops import savepoints
+    from freshet.scripts.cli import main
+    cfg = cluster.cfg
+    config = dump_config(cfg, tmp_path / "job.yaml")
+    events = good_events()
+    first, later = events[:len(events) // 2], events[len(events) // 2:]
+    prod = kafka_io.producer(cfg)
+    report = kafka_io.DeliveryReport()
+    for e in first:
+        prod.produce(cfg.kafka.input_topic, value=json.dumps(e), partition=0, timestamp=e["ts"], on_delivery=report)
+    kafka_io.flush_or_fail(prod, report)
+    job = cluster.submit(config, bounded=False)
+    deadline = time.monotonic() + 180
+    while not kafka_io.read_json(cfg, cfg.kafka.output_topic):       # the first copies are in the job's state
+        assert time.monotonic() < deadline and cluster.job_state(job) == "RUNNING"
+        time.sleep(1)
+    assert main(["stop", job, "--config", str(config)]) == 0
+    location = capsys.readouterr().out.strip().splitlines()[-1]
+
+    duplicate = first[3]                                   # again, on the other partition, after the restore
+    prod.produce(cfg.kafka.input_topic, value=json.dumps(duplicate), partition=1, timestamp=later[0]["ts"],
+                 on_delivery=report)
+    for e in later:
+        prod.produce(cfg.kafka.input_topic, value=json.dumps(e), partition=e["ts"] % 2, timestamp=e["ts"],
+                     on_delivery=report)
+    kafka_io.flush_or_fail(prod, report)
+    resumed = cluster.submit(config, bounded=True, from_savepoint=location)
+    assert cluster.wait(resumed, timeout=300) == "FINISHED"
+    assert savepoints.local_path(location).is_dir()
+    dead = kafka_io.read_json(cfg, cfg.kafka.dlq_topic)
+    assert [(d["reason"], d["partition"], json.loads(d["raw"])["event_id"]) for d in dead] == \
+        [("duplicate", 1, duplicate["event_id"])]
+    recs = kafka_io.read_json(cfg, cfg.kafka.output_topic)
+    keys = [(r["user_id"], r["window_end"]) for r in recs]
+    assert sorted(keys) == sorted({(e["user_id"], e["ts"] - e["ts"] % WINDOW + WINDOW) for e in events})
