@@ -77,8 +77,26 @@ def _classified_once(t_env: StreamTableEnvironment) -> str:
         "SELECT `value`, `topic`, `partition`, `offset`, rowtime AS event_time, text, canonical FROM classified"))
     t_env.create_temporary_view("classified_once", t_env.from_data_stream(stream, Schema.new_builder()
                                 .column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3))
+                                .column_by_expression("proc", "PROCTIME()")      # arrival order, for dedup
                                 .watermark("rowtime", "SOURCE_WATERMARK()").build()))
     return "classified_once"
+
+
+def _drop_duplicates(t_env: StreamTableEnvironment, cfg: Config, parsed: str) -> None:
+    """``accepted``: every valid event, the first copy of each ``event_id`` only; ``duplicate_letters``: dead
+    letters for the other copies (counted in Flink state keyed by ``event_id``; see ``tables.copies_query``).
+    Events without an ``event_id`` skip the count."""
+    columns = "user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime"
+    accepted = f"SELECT {columns} FROM fast_events UNION ALL SELECT {columns} FROM {parsed} WHERE dead_letter IS NULL"
+    duplicates = f"SELECT CAST(NULL AS STRING) AS payload FROM {parsed} WHERE FALSE"
+    if cfg.events.dedup_horizon_ms > 0:
+        t_env.get_config().set("table.exec.state.ttl", f"{cfg.events.dedup_horizon_ms} ms")
+        t_env.create_temporary_view("with_copies", t_env.sql_query(tables.copies_query(parsed)))
+        accepted += f" AND event_id IS NULL UNION ALL SELECT {columns} FROM with_copies WHERE copies = 1"
+        reason = "CONCAT('duplicate: event_id ', event_id, ' arrived ', CAST(copies - 1 AS STRING), ' time(s) before')"
+        duplicates = f"SELECT {tables.dead_letter_sql(reason)} AS payload FROM with_copies WHERE copies > 1"
+    t_env.create_temporary_view("accepted", t_env.sql_query(accepted))
+    t_env.create_temporary_view("duplicate_letters", t_env.sql_query(duplicates))
 
 
 def _split_late(t_env: StreamTableEnvironment, cfg: Config, accepted: str) -> None:
@@ -111,10 +129,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     t_env.create_temporary_view("fast_events", t_env.sql_query(tables.fast_events_query(cfg, classified)))
     t_env.create_temporary_function("parse_event", parse_event_function(cfg.events, cfg.window.size_ms))
     t_env.create_temporary_view("slow_parsed", t_env.sql_query(tables.slow_parsed_query(classified, "parse_event", PARSED_COLUMNS)))
-    t_env.create_temporary_view("accepted", t_env.sql_query(
-        "SELECT user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime FROM fast_events "
-        "UNION ALL SELECT user_id, item_id, ts, weight, `value`, `topic`, `partition`, `offset`, rowtime "
-        "FROM slow_parsed WHERE dead_letter IS NULL"))
+    _drop_duplicates(t_env, cfg, "slow_parsed")
     _split_late(t_env, cfg, "accepted")
 
     # -> one row per (model shard, window) with every user's items (JVM windows), plus the dead letters,
@@ -126,6 +141,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
         "SELECT 'win' AS kind, shard, window_end_ms, closed_at, quads AS body FROM window_batches "
         "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), dead_letter "
         "FROM slow_parsed WHERE dead_letter IS NOT NULL "
+        "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), payload FROM duplicate_letters "
         "UNION ALL SELECT 'dlq', 0, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT), payload FROM late_letters)"),
         Types.ROW([Types.INT(), INPUT_TYPE]))
 

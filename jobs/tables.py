@@ -193,9 +193,25 @@ FROM {classified} WHERE canonical"""
 def slow_parsed_query(classified: str, parse_fn: str, names: list[str]) -> str:
     """Every other record through the exact Python validator (a table function: an event or a dead letter)."""
     return f"""
-SELECT p.user_id, p.item_id, p.ts, p.weight, p.dead_letter, c.`value`, c.`topic`, c.`partition`, c.`offset`, c.rowtime
+SELECT p.user_id, p.item_id, p.ts, p.weight, p.event_id, p.dead_letter,
+       c.`value`, c.`topic`, c.`partition`, c.`offset`, c.rowtime, c.proc
 FROM {classified} AS c, LATERAL TABLE({parse_fn}(c.`value`, c.`topic`, c.`partition`, c.`offset`)) AS p({", ".join(names)})
 WHERE NOT c.canonical"""
+
+
+def copies_query(parsed: str) -> str:
+    """Accepted events that carry an ``event_id``, each with ``copies``: how many records of its id arrived
+    so far, itself included (1: the first; more: a duplicate).
+
+    An unbounded OVER aggregation partitioned by ``event_id`` in processing-time order: Flink state keyed by
+    the id, so a duplicate is caught whatever partition or subtask each copy arrives on, at any parallelism,
+    and after a restore (the counts are in checkpoints and savepoints). The job sets the state's time to live
+    (``table.exec.state.ttl``) to ``events.dedup_horizon_ms``: an id is forgotten once no copy of it has
+    arrived for that long in processing time (at replay speed, a whole log fits into one horizon).
+    """
+    return f"""
+SELECT *, COUNT(*) OVER (PARTITION BY event_id ORDER BY proc ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS copies
+FROM {parsed} WHERE dead_letter IS NULL AND event_id IS NOT NULL"""
 
 
 def window_end_sql(cfg: Config, ts: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,7 +57,7 @@ def dead_letter(reason: str, raw: bytes | None, topic: str, partition: int, offs
 class EventValidator:
     """Turns a Kafka record value into an :class:`Event` or a :class:`Rejection`.
 
-    Stateless: duplicate and lateness checks, which need memory of the stream, are in :class:`StreamGuard`.
+    Stateless: duplicates and lateness need memory of the stream; the job checks them in Flink (SQL).
     """
     cfg: EventsConfig
 
@@ -132,62 +131,3 @@ class EventValidator:
         if behavior == "rate" and value is not None and value < self.cfg.rate_min_value:
             return 0.0
         return float(self.cfg.weights[behavior])
-
-
-class StreamGuard:
-    """Memory of one stream: drops duplicate ``event_id``s and events too late for their window.
-
-    An event is ``late`` when the watermark has already reached the end of its tumbling window (the
-    window has fired). Duplicates are remembered for ``dedup_horizon_ms`` of event time behind the
-    watermark, and at most ``max_ids`` ids.
-
-    >>> g = StreamGuard(window_ms=10, dedup_horizon_ms=100)
-    >>> g.check(5, "a", watermark=0), g.check(6, "a", watermark=0), g.check(9, None, watermark=12)
-    (None, 'duplicate', 'late')
-    """
-
-    def __init__(self, window_ms: int, dedup_horizon_ms: int, max_ids: int = 1_000_000):
-        self.window_ms = window_ms
-        self.dedup_horizon_ms = dedup_horizon_ms
-        self.max_ids = max_ids
-        self._seen: OrderedDict[str, int] = OrderedDict()
-        self._newest = -1
-
-    def window_end(self, ts: int) -> int:
-        return ts - ts % self.window_ms + self.window_ms
-
-    def check(self, ts: int, event_id: str | None, watermark: int) -> str | None:
-        """``None`` if the event is accepted, else the rejection code (``late`` or ``duplicate``)."""
-        if self.window_end(ts) - 1 <= watermark:
-            return "late"
-        if event_id is not None and self.dedup_horizon_ms > 0:
-            if event_id in self._seen:
-                return "duplicate"
-            self._seen[event_id] = ts
-            self._expire(watermark - self.dedup_horizon_ms)
-        return None
-
-    def duplicate(self, event_id: str | None, ts: int) -> bool:
-        """Dedup alone, for callers that check lateness elsewhere: ids are kept ``dedup_horizon_ms`` of event
-        time behind the newest ``ts`` seen.
-
-        >>> g = StreamGuard(window_ms=10, dedup_horizon_ms=100)
-        >>> g.duplicate("a", 5), g.duplicate("a", 50), g.duplicate("b", 500), g.duplicate("a", 501)
-        (False, True, False, False)
-        """
-        if event_id is None or self.dedup_horizon_ms <= 0:
-            return False
-        if event_id in self._seen:
-            return True
-        self._seen[event_id] = ts
-        self._newest = max(self._newest, ts)
-        self._expire(self._newest - self.dedup_horizon_ms)
-        return False
-
-    def _expire(self, horizon: int) -> None:
-        """Forget ids older than ``horizon`` (in insertion order, which tracks event time closely)."""
-        while self._seen:
-            oldest_ts = next(iter(self._seen.values()))
-            if oldest_ts >= horizon and len(self._seen) <= self.max_ids:
-                break
-            self._seen.popitem(last=False)

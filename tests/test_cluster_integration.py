@@ -111,11 +111,15 @@ def test_duplicate_event_id_after_a_restore_on_another_partition_is_dead_lettere
         prod.produce(cfg.kafka.input_topic, value=json.dumps(e), partition=e["ts"] % 2, timestamp=e["ts"],
                      on_delivery=report)
     kafka_io.flush_or_fail(prod, report)
-    resumed = cluster.submit(config, bounded=True, from_savepoint=location)
-    assert cluster.wait(resumed, timeout=300) == "FINISHED"
+    resumed = cluster.submit(config, bounded=False, from_savepoint=location)    # unbounded, as it was saved
+    deadline = time.monotonic() + 180
+    while not kafka_io.read_json(cfg, cfg.kafka.dlq_topic):
+        assert time.monotonic() < deadline and cluster.job_state(resumed) == "RUNNING"
+        time.sleep(1)
+    assert main(["stop", resumed, "--drain", "--config", str(config)]) == 0     # the last windows close
     assert savepoints.local_path(location).is_dir()
     dead = kafka_io.read_json(cfg, cfg.kafka.dlq_topic)
-    assert [(d["reason"], d["partition"], json.loads(d["raw"])["event_id"]) for d in dead] == \
+    assert [(d["reason"].split(":")[0], d["partition"], json.loads(d["raw"])["event_id"]) for d in dead] == \
         [("duplicate", 1, duplicate["event_id"])]
     recs = kafka_io.read_json(cfg, cfg.kafka.output_topic)
     keys = [(r["user_id"], r["window_end"]) for r in recs]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from freshet.models.events import REASONS, Event, EventValidator, Rejection, StreamGuard, dead_letter
+from freshet.models.events import REASONS, Event, EventValidator, Rejection, dead_letter
 
 NOW = 1_700_000_000_000
 
@@ -75,15 +75,3 @@ def test_dead_letter_keeps_utf8_raw_and_base64_otherwise():
     assert base64.b64decode(bad["raw"]) == b"\xff\x00"
 
 
-def test_guard_drops_duplicates_within_the_horizon_only():
-    g = StreamGuard(window_ms=1000, dedup_horizon_ms=10_000)
-    assert g.check(100, "a", watermark=-1) is None
-    assert g.check(200, "a", watermark=-1) == "duplicate"
-    assert g.check(50_000, "b", watermark=40_000) is None   # horizon moved on: "a" forgotten
-    assert g.check(45_000, "a", watermark=40_000) is None
-
-
-def test_guard_marks_events_of_closed_windows_late():
-    g = StreamGuard(window_ms=1000, dedup_horizon_ms=0)
-    assert g.check(1500, None, watermark=1998) is None      # window [1000, 2000) still open
-    assert g.check(1500, None, watermark=1999) == "late"    # watermark reached its last millisecond

@@ -2,9 +2,10 @@
 
 Canonical records (see ``jobs.tables.canonical_event_pattern``) are parsed in the JVM and never reach
 Python. Everything else comes here, one call per record, and leaves as either an event
-``(user_id, item_id, ts, weight, NULL)`` or a dead letter ``(NULL, NULL, NULL, NULL, json)`` with the
-validator's reason (CONTRACTS §1). Events carrying an ``event_id`` are never canonical, so every
-duplicate check happens here. Lateness is checked after this, in SQL, for all events alike.
+``(user_id, item_id, ts, weight, event_id, NULL)`` or a dead letter ``(NULL, ..., json)`` with the
+validator's reason (CONTRACTS §1). Events carrying an ``event_id`` are never canonical, so they all pass
+here; duplicates are then caught in the JVM, in Flink state keyed by ``event_id``
+(``jobs.tables.copies_query``). Lateness is checked after that, in SQL, for all events alike.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pyflink.table import DataTypes
 from pyflink.table.udf import TableFunction, udtf
 
 from freshet.conf.settings import EventsConfig
-from freshet.models.events import EventValidator, Rejection, StreamGuard, dead_letter
+from freshet.models.events import EventValidator, Rejection, dead_letter
 
-RESULT_TYPES = [DataTypes.STRING(), DataTypes.STRING(), DataTypes.BIGINT(), DataTypes.DOUBLE(), DataTypes.STRING()]
-RESULT_NAMES = ["user_id", "item_id", "ts", "weight", "dead_letter"]
+RESULT_TYPES = [DataTypes.STRING(), DataTypes.STRING(), DataTypes.BIGINT(), DataTypes.DOUBLE(), DataTypes.STRING(),
+                DataTypes.STRING()]
+RESULT_NAMES = ["user_id", "item_id", "ts", "weight", "event_id", "dead_letter"]
 
 
 class ParseEvents(TableFunction):
@@ -27,7 +29,6 @@ class ParseEvents(TableFunction):
 
     def open(self, function_context):
         self.validator = EventValidator(self.events_cfg)
-        self.guard = StreamGuard(self.window_ms, self.events_cfg.dedup_horizon_ms)
         metrics = function_context.get_metric_group()
         self.accepted = metrics.counter("events_accepted_by_python")
         self.rejected = metrics.counter("events_dead_lettered")
@@ -35,13 +36,11 @@ class ParseEvents(TableFunction):
     def eval(self, value, topic, partition, offset):
         event = self.validator.parse(value, int(time.time() * 1000))
         if not isinstance(event, Rejection):
-            if not self.guard.duplicate(event.event_id, event.ts):
-                self.accepted.inc()
-                yield event.user_id, event.item_id, event.ts, event.weight, None
-                return
-            event = Rejection("duplicate", f"event_id {event.event_id!r} already seen")
+            self.accepted.inc()
+            yield event.user_id, event.item_id, event.ts, event.weight, event.event_id, None
+            return
         self.rejected.inc()
-        yield None, None, None, None, dead_letter(event.reason, value, topic, partition, offset)
+        yield None, None, None, None, None, dead_letter(event.reason, value, topic, partition, offset)
 
 
 def parse_event_function(events: EventsConfig, window_ms: int):
