@@ -151,7 +151,7 @@ class Recommender(ABC):
     def save(self, path: Path) -> Path:
         """Write the model's full state to ``path`` (a readable ``.npz``)."""
         path = Path(path)
-        np.savez_compressed(path, **self.state())
+        np.savez_compressed(path, **self.state(), state_layout=np.int64(STATE_LAYOUT))
         return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
 
     @classmethod
@@ -162,7 +162,7 @@ class Recommender(ABC):
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, **self.state())
+        np.savez(buf, **self.state(), state_layout=np.int64(STATE_LAYOUT))
         return buf.getvalue()
 
     @classmethod
@@ -172,6 +172,9 @@ class Recommender(ABC):
 
 # Settings a saved state is made with: the shapes of its variables depend on them.
 FIXED_SETTINGS = ("kind", "dim")
+# The layout of saved model states (checkpoints, savepoints, files). A release that changes what a model's
+# state holds raises it and reads the older layouts; a state of a newer layout is refused, not misread.
+STATE_LAYOUT = 1
 
 
 def check_fixed_settings(z: Mapping[str, np.ndarray], cfg) -> None:
@@ -183,7 +186,15 @@ def check_fixed_settings(z: Mapping[str, np.ndarray], cfg) -> None:
     Traceback (most recent call last):
     ...
     ValueError: the saved model has model.dim 32, the config says 16: set it back to resume this state
+    >>> check_fixed_settings({"state_layout": np.int64(STATE_LAYOUT + 1)}, ModelConfig())
+    Traceback (most recent call last):
+    ...
+    ValueError: the saved model has state layout 2, written by a newer Freshet; this one reads layouts up to 1
     """
+    layout = int(z["state_layout"]) if "state_layout" in z else 0       # 0: saved before layouts were numbered
+    if layout > STATE_LAYOUT:
+        raise ValueError(f"the saved model has state layout {layout}, written by a newer Freshet; this one reads "
+                         f"layouts up to {STATE_LAYOUT}")
     if "config" not in z:
         return
     saved = json.loads(bytes(z["config"]).decode())
