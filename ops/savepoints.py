@@ -15,7 +15,7 @@ fresh model. Every other setting (K, learning rates, batch size, behaviour weigh
 >>> incompatible(config_record(cfg), cfg.replace(model={"k": 20, "learning_rate": 0.1}))   # these may change
 []
 >>> incompatible(config_record(cfg), cfg.replace(model={"dim": 16}))
-['model.dim is 32 in the savepoint, 16 now']
+['model.dim is 32 in the savepoint, 16 now (part of the saved state: set it back, or start fresh)']
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def incompatible(saved: dict, cfg: Config) -> list[str]:
     """The fixed settings that differ between ``saved`` (a :func:`config_record`) and ``cfg``."""
     now = config_record(cfg)
     return [f"{section}.{key} is {saved[section][key]!r} in the savepoint, {now[section][key]!r} now".replace("'", "")
+            + " (part of the saved state: set it back, or start fresh)"
             for section, key in FIXED if section in saved and key in saved[section] and saved[section][key] != now[section][key]]
 
 
@@ -90,17 +91,17 @@ def saved_config(cfg: Config, location: str) -> dict | None:
 def check_resume(cfg: Config, location: str, bounded: bool) -> None:
     """Raise :class:`ConfigError` (one line) when ``cfg`` cannot resume the state at ``location``.
 
-    The Kafka source keeps each partition's stopping offset in its state: a savepoint of an unbounded job
-    resumes unbounded (end it with ``freshet stop --drain``), one of a bounded job stops where it would have.
+    A resumed job is unbounded: Flink's Kafka source restored from a savepoint or retained checkpoint never
+    signals the end of a bounded input (FLINK-31006, open in flink-connector-kafka 4.0), so a bounded resume
+    would run forever. End a resumed job with ``freshet stop --drain`` once its input is read.
     """
     saved = saved_config(cfg, location)
     problems = incompatible(saved, cfg) if saved else []
-    if saved and saved.get("bounded", bounded) != bounded:
-        problems.append(f"the saved job's input was {'bounded' if saved['bounded'] else 'unbounded'} (its source "
-                        f"keeps that): {'add' if saved['bounded'] else 'drop'} --bounded")
+    if bounded:
+        problems.append("--bounded cannot resume (a restored Kafka source never ends a bounded input: "
+                        "FLINK-31006): resume without it and end the job with `freshet stop --drain`")
     if problems:
-        raise ConfigError(f"cannot resume from {location}: {'; '.join(problems)}. These are part of the saved "
-                          "state; set them back, or start a fresh job without --from-savepoint")
+        raise ConfigError(f"cannot resume from {location}: {'; '.join(problems)}")
 
 
 def latest_checkpoint(cfg: Config, job_id: str | None = None) -> Path | None:

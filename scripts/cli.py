@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait up to SECONDS for the job to finish; exit 0 only if it FINISHED")
     p.add_argument("--from-savepoint", metavar="PATH",
                    help="resume from a savepoint (`freshet stop` prints its path) or a retained checkpoint "
-                        "(<home>/checkpoints/<job id>/chk-<n>): the same model, the input from the saved offsets")
+                        "(<home>/checkpoints/<job id>/chk-<n>): the same model, the input from the saved offsets; "
+                        "a resumed job is unbounded (end it with `freshet stop --drain`)")
 
     p = add("stop", cmd_stop, "Stop a cluster job with a savepoint (Flink's stop-with-savepoint); prints the "
                               "savepoint's path on the last line, for `freshet submit --from-savepoint PATH`.")
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounded", action="store_true", help="stop once the input topic is drained")
     p.add_argument("--from-savepoint", metavar="PATH",
                    help="resume from a savepoint or a retained checkpoint (<home>/checkpoints/<job id>/chk-<n>; "
-                        "'latest': the newest one of any earlier run), with its model and input offsets")
+                        "'latest': the newest one of any earlier run), with its model and input offsets; "
+                        "it runs unbounded, until interrupted")
 
     p = add("recs", cmd_recs, "Print recommendations from the sink topic (read_committed), one JSON per line.")
     p.add_argument("--topic", help="topic (default: kafka.output_topic)")

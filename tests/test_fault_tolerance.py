@@ -228,5 +228,6 @@ def test_stop_with_savepoint_at_half_and_resume_loses_and_duplicates_nothing(set
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.dim is 32 in the savepoint, 16 now" in err[0], err
     assert main(["submit", "--config", str(config), "--bounded", "--from-savepoint", location]) == 2
-    assert "drop --bounded" in capsys.readouterr().err
+    assert "FLINK-31006" in capsys.readouterr().err       # a restored bounded Kafka source never ends
     assert {j.id for j in cluster.status().jobs} == before, "no job may start"
+
