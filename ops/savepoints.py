@@ -35,8 +35,8 @@ FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "parallelis
 
 def config_record(cfg: Config) -> dict:
     """The config as plain JSON data (every section)."""
-    return json.loads(json.dumps({name: dataclasses.asdict(getattr(cfg, name))
-                                  for name in ("kafka", "local", "events", "window", "model", "flink")}, default=list))
+    return json.loads(json.dumps({f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)},
+                                 default=list))
 
 
 def incompatible(saved: dict, cfg: Config) -> list[str]:
