@@ -40,8 +40,8 @@ def flink_configuration(cfg: Config) -> Configuration:
     conf.set_string("python.fn-execution.bundle.size", str(cfg.flink.python_bundle_size))
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
     conf.set_string("state.backend.type", cfg.flink.state_backend)
-    conf.set_string("execution.checkpointing.dir", (home / "checkpoints").resolve().as_uri())
-    conf.set_string("execution.checkpointing.savepoint-dir", (home / "savepoints").resolve().as_uri())
+    conf.set_string("execution.checkpointing.dir", savepoints.checkpoint_dir(cfg).resolve().as_uri())
+    conf.set_string("execution.checkpointing.savepoint-dir", savepoints.savepoint_dir(cfg).resolve().as_uri())
     # A cancelled job, or one whose client died, can resume from its last checkpoint (`--from-savepoint`).
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     if cfg.flink.checkpoint_interval_ms > 0:

@@ -21,7 +21,7 @@ import pyflink
 import yaml
 
 from freshet.conf.settings import Config
-from freshet.ops import processes
+from freshet.ops import processes, savepoints
 from freshet.ops.python_workers import worker_environment
 
 HOST = "127.0.0.1"
@@ -152,8 +152,11 @@ class LocalFlinkCluster:
         return env
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def _rest(self, path: str, timeout: float = 2.0) -> dict:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=timeout) as resp:
+    def _rest(self, path: str, timeout: float = 2.0, post: dict | None = None) -> dict:
+        """GET ``path`` from the REST API, or POST ``post`` as JSON to it; the answer as JSON."""
+        request = urllib.request.Request(f"{self.url}{path}", headers={"Content-Type": "application/json"},
+                                         data=None if post is None else json.dumps(post).encode())
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def status(self) -> ClusterStatus:
@@ -254,14 +257,12 @@ class LocalFlinkCluster:
         ends FINISHED); returns the savepoint's location. Windows still open stay in the savepoint: a job
         resumed from it closes them when its input goes on. ``drain``: end of input first (every open window
         is closed and listed), for a job that is done for good."""
-        if self.job_state(job_id) != "RUNNING":
-            raise RuntimeError(f"job {job_id} is {self.job_state(job_id)}, not RUNNING: nothing to stop")
-        target = (target_dir or self.cfg.local.home_path() / "savepoints").resolve()
-        body = json.dumps({"targetDirectory": target.as_uri(), "drain": drain}).encode()
-        request = urllib.request.Request(f"{self.url}/jobs/{job_id}/stop", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            trigger = json.loads(resp.read())["request-id"]
+        state = self.job_state(job_id)
+        if state != "RUNNING":
+            raise RuntimeError(f"job {job_id} is {state}, not RUNNING: nothing to stop")
+        target = (target_dir or savepoints.savepoint_dir(self.cfg)).resolve()
+        trigger = self._rest(f"/jobs/{job_id}/stop", timeout=10,
+                             post={"targetDirectory": target.as_uri(), "drain": drain})["request-id"]
         log(f"stopping job {job_id} with a savepoint in {target} ...")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -47,7 +47,7 @@ def run_job(cfg: Config, bounded: bool, log=print, from_savepoint: str | None = 
     if from_savepoint == "latest":
         found = savepoints.latest_checkpoint(cfg)
         if found is None:
-            raise ConfigError(f"no retained checkpoint under {cfg.local.home_path() / 'checkpoints'}")
+            raise ConfigError(f"no retained checkpoint under {savepoints.checkpoint_dir(cfg)}")
         from_savepoint = str(found)
     if from_savepoint:
         savepoints.check_resume(cfg, from_savepoint, bounded)
@@ -57,7 +57,7 @@ def run_job(cfg: Config, bounded: bool, log=print, from_savepoint: str | None = 
     log(f"starting the job on the local Flink runtime ({'bounded' if bounded else 'unbounded'}; "
         f"input '{cfg.kafka.input_topic}' at {cfg.kafka.bootstrap_servers}"
         + (f"; resuming from {from_savepoint}" if from_savepoint else "") + ")")
-    log(f"checkpoints are kept in {cfg.local.home_path() / 'checkpoints'}/<job id>/chk-<n>; a stopped run resumes "
+    log(f"checkpoints are kept in {savepoints.checkpoint_dir(cfg)}/<job id>/chk-<n>; a stopped run resumes "
         "with `freshet run --from-savepoint latest` (or that folder)")
     progress.start()
     try:

@@ -51,6 +51,16 @@ def jobs_dir(cfg: Config) -> Path:
     return cfg.local.home_path() / "jobs"
 
 
+def checkpoint_dir(cfg: Config) -> Path:
+    """Where jobs write checkpoints (``<job id>/chk-<n>``; kept when a job is cancelled or its client dies)."""
+    return cfg.local.home_path() / "checkpoints"
+
+
+def savepoint_dir(cfg: Config) -> Path:
+    """Where savepoints go unless ``freshet stop --savepoint-dir`` says otherwise."""
+    return cfg.local.home_path() / "savepoints"
+
+
 def record_job(cfg: Config, job_id: str, bounded: bool) -> Path:
     """Keep the config a job started with (``<home>/jobs/<job id>.json``), and whether its input was bounded."""
     path = jobs_dir(cfg) / f"{job_id}.json"
@@ -106,6 +116,6 @@ def check_resume(cfg: Config, location: str, bounded: bool) -> None:
 
 def latest_checkpoint(cfg: Config, job_id: str | None = None) -> Path | None:
     """The newest retained checkpoint (``chk-<n>`` with its ``_metadata``) of ``job_id``, or of any job."""
-    root = cfg.local.home_path() / "checkpoints"
+    root = checkpoint_dir(cfg)
     found = [p for p in root.glob(f"{job_id or '*'}/chk-*") if (p / "_metadata").is_file()]
     return max(found, key=lambda p: (p / "_metadata").stat().st_mtime) if found else None
