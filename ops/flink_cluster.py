@@ -211,7 +211,9 @@ class LocalFlinkCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
-            if len({tm.id for tm in status.taskmanagers} - known) >= missing:
+            new = [tm for tm in status.taskmanagers if tm.id not in known]
+            # A TaskManager registers first and reports its slots a moment later: wait for both.
+            if len([tm for tm in new if tm.slots_total >= self.cfg.local.taskmanager_slots]) >= missing:
                 log(f"started {missing} TaskManager(s)" + (f" ({live} were running)" if live else ""))
                 log(str(status))
                 return status

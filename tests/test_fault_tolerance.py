@@ -15,7 +15,7 @@ import pytest
 
 from freshet.conf.settings import dump_config
 from freshet.models.evaluation import evaluate
-from freshet.ops import kafka_io, replay, savepoints, vendor
+from freshet.ops import kafka_io, processes, replay, savepoints, vendor
 from freshet.ops.flink_cluster import LocalFlinkCluster
 from freshet.ops.kafka_local import LocalKafka
 from freshet.scripts.cli import main
@@ -51,6 +51,13 @@ def setup(kafka, kafka_cfg, log_df, tmp_path_factory):
         cluster.stop()
         assert not any(cluster.pids().values()), "cluster processes must be gone after stop"
         assert not cluster.tmp_dir.exists(), "the killed TaskManager's temporary files must be gone after stop"
+
+
+@pytest.fixture(autouse=True)
+def cluster_at_full_strength(request):
+    """Each test starts on a cluster with its TaskManagers, whatever the test before it left."""
+    if "setup" in request.fixturenames:
+        request.getfixturevalue("setup")[1].start(log=lambda *_: None)
 
 
 def run_cfg(cfg, name):
@@ -112,6 +119,9 @@ def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_d
     killed_at = time.time()
     for pid in taskmanagers:
         os.kill(pid, 9)
+    deadline = time.monotonic() + 30      # a JVM killed with -9 takes a moment to go (its memory is freed)
+    while any(processes.pid_alive(p) for p in taskmanagers) and time.monotonic() < deadline:
+        time.sleep(0.1)
     cluster.start()        # what a user types: brings the cluster back to local.taskmanagers
     assert cluster.wait(job, timeout=600) == "FINISHED"
     restored = cluster.checkpoints(job).get("latest", {}).get("restored") or {}
