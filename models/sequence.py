@@ -62,15 +62,20 @@ from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_
 ADAGRAD_INIT = 0.1
 MEMORY_THETA_INIT = 1.0      # initial weight of the memory feature (learned)
 MEMORY_EPS = 0.01            # feature = log(MEMORY_EPS + normalised transition count)
+# The compiled program's pair blocks: up to 64 pairs a step (a step with more goes through the plain path; on
+# MovieLens no step has more than 40), and its group blocks (a group: one increment's pairs, one context).
+BLOCKS = tuple(b for b in PAIR_BLOCKS if b <= 64)
+GROUP_BLOCKS = (1, 2, 4, 16, BLOCKS[-1])
 
 
 class _Work(NamedTuple):
-    """One model call, flat: per step the end offsets of its pairs, lists and exclusions."""
-    ctx_rows: np.ndarray    # [P, L] context item rows of each positive pair
-    ctx_w: np.ndarray       # [P, L] their weights
+    """One model call, flat: per step the end offsets of its groups, pairs, lists and exclusions."""
+    grp_rows: np.ndarray    # [G, L] context item rows of each group (an increment with a context and positives)
+    grp_w: np.ndarray       # [G, L] their weights
+    grp_end: np.ndarray     # [S]
+    pair_grp: np.ndarray    # [P] each positive pair's group (index into grp_*)
     item: np.ndarray        # [P] positive item row
     weight: np.ndarray      # [P] pair weight
-    feature: np.ndarray     # [P, 1 + M] memory feature of the pair's item and of the step's negatives
     pair_end: np.ndarray    # [S]
     neg: np.ndarray         # [S, M] each step's shared negatives
     list_rows: np.ndarray   # [R, L] context of each list to make
@@ -82,10 +87,10 @@ class _Work(NamedTuple):
     visible: np.ndarray     # [S] items born at or before this (relative) step may be listed
 
     def part(self, s0: int, s1: int) -> "_Work":
-        p0, r0, e0 = (int(a[s0 - 1]) if s0 else 0 for a in (self.pair_end, self.rec_end, self.excl_end))
-        p1, r1, e1 = (int(a[s1 - 1]) for a in (self.pair_end, self.rec_end, self.excl_end))
-        return _Work(self.ctx_rows[p0:p1], self.ctx_w[p0:p1], self.item[p0:p1], self.weight[p0:p1],
-                     self.feature[p0:p1], self.pair_end[s0:s1] - p0, self.neg[s0:s1], self.list_rows[r0:r1], self.list_w[r0:r1],
+        g0, p0, r0, e0 = (int(a[s0 - 1]) if s0 else 0 for a in (self.grp_end, self.pair_end, self.rec_end, self.excl_end))
+        g1, p1, r1, e1 = (int(a[s1 - 1]) for a in (self.grp_end, self.pair_end, self.rec_end, self.excl_end))
+        return _Work(self.grp_rows[g0:g1], self.grp_w[g0:g1], self.grp_end[s0:s1] - g0, self.pair_grp[p0:p1] - g0,
+                     self.item[p0:p1], self.weight[p0:p1], self.pair_end[s0:s1] - p0, self.neg[s0:s1], self.list_rows[r0:r1], self.list_w[r0:r1],
                      self.rec_end[s0:s1] - r0, self.excl_rec[e0:e1] - r0, self.excl_item[e0:e1],
                      self.excl_end[s0:s1] - e0, self.visible[s0:s1])
 
@@ -106,9 +111,9 @@ class SequenceModel(TableModel):
             self.acc = [tf.Variable(tf.fill(v.shape, ADAGRAD_INIT), name=f"adagrad_{j}")
                         for j, v in enumerate((self.E_in, self.E_out, self.b))]
             # The memory: counted transitions (not trained by gradient) and the learned weight of their feature.
-            # The counts live in numpy (``memory``), read for the training pairs' features while a call is
-            # prepared; the program keeps its own copy, ``T``, for the lists (gathering the training features
-            # in the program made XLA copy the whole matrix on every step).
+            # The counts live in the program (``T``, ``T_out``), which reads them for the pairs' features and
+            # the lists and counts each step's pairs; ``memory`` is their numpy form for growth, reuse of rows
+            # and the state (:meth:`_sync_memory`).
             self.memory = TransitionCounts(cap, cfg.sequence_memory_items, cfg.transition_alpha,
                                            cfg.transition_symmetric)
             m = self.memory.size
@@ -143,6 +148,7 @@ class SequenceModel(TableModel):
             self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
                         for a in self.acc]
             m_old = self.memory.size
+            self._sync_memory()
             self.memory.grow(new)
             m = self.memory.size
             if m > m_old:
@@ -150,6 +156,13 @@ class SequenceModel(TableModel):
                 self.T = tf.Variable(tf.reshape(grown, [-1]), trainable=False, name="transitions")
                 self.T_out = tf.Variable(tf.pad(self.T_out, [[0, m - m_old]]), trainable=False, name="transitions_out")
         self._compile()
+
+    def _sync_memory(self) -> None:
+        """The program's counts into their numpy form (which is otherwise not kept up to date)."""
+        m = self.memory.size
+        if m:
+            self.memory.counts[...] = self.T.numpy().reshape(m, m)
+            self.memory.out[...] = self.T_out.numpy()
 
     def _forget_user(self, user: str) -> None:
         self.history.forget(user)
@@ -169,6 +182,7 @@ class SequenceModel(TableModel):
             for acc in self.acc:
                 acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
             if any(r < self.memory.size for r in rows):     # rare (evictions)
+                self._sync_memory()
                 self.memory.zero(rows)
                 self.T.assign(self.memory.counts.reshape(-1))
                 self.T_out.assign(self.memory.out)
@@ -187,13 +201,17 @@ class SequenceModel(TableModel):
         """[B, capacity]: every item's score for each context."""
         q = self._encode(rows, weights) / self.cfg.sequence_temperature
         scores = tf.matmul(q, self.E_out, transpose_b=True) + self.b
-        m = int(self.T_out.shape[0])
-        if m:
-            a, h = self._memory_weights(rows, weights)
-            rows_of_t = tf.gather(tf.reshape(self.T, [m, m]), h)                        # [B, L, m], contiguous
-            feature = tf.pad(tf.einsum("bl,blm->bm", a, rows_of_t), [[0, 0], [0, int(self.E_out.shape[0]) - m]])
-            scores += self.theta[0] * tf.math.log(MEMORY_EPS + feature)
+        if int(self.T_out.shape[0]):
+            memory = tf.pad(self._memory(rows, weights), [[0, 0], [0, int(self.E_out.shape[0]) - int(self.T_out.shape[0])]])
+            scores += self.theta[0] * tf.math.log(MEMORY_EPS + memory)
         return scores
+
+    def _memory(self, rows, weights):
+        """[B, m]: the memory of each context over every counted item, ``sum_j a_j counts[h_j]``: a weighted sum of
+        contiguous rows of the counts (:meth:`_memory_weights`)."""
+        m = int(self.T_out.shape[0])
+        a, h = self._memory_weights(rows, weights)
+        return tf.einsum("bl,blm->bm", a, tf.gather(tf.reshape(self.T, [m, m]), h))
 
     def _memory_weights(self, rows, weights):
         """Each context row's share of the memory feature: its weight over the context's total, divided by
@@ -204,9 +222,17 @@ class SequenceModel(TableModel):
         share = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-9)
         return share * inside * tf.pow(tf.gather(self.T_out, h) + 1.0, -self.cfg.transition_alpha), h
 
+    def _pair_features(self, memory, group, item, neg):
+        """[P, 1 + M]: the feature, ``log(MEMORY_EPS + memory)``, of each pair's item and then of the shared
+        negatives ``neg`` [M], where pair p's context has the memory row ``memory[group[p]]`` (:meth:`_memory`)."""
+        m = int(self.T_out.shape[0])
+        cand = tf.concat([item[:, None], tf.broadcast_to(neg[None, :], [tf.shape(item)[0], tf.shape(neg)[0]])], 1)
+        at = tf.stack([tf.broadcast_to(group[:, None], tf.shape(cand)), tf.minimum(cand, m - 1)], -1)
+        return tf.math.log(MEMORY_EPS + tf.gather_nd(memory, at) * tf.cast(cand < m, tf.float32))
+
     def _train(self, ctx_rows, ctx_w, item, weight, neg, feature):
         """One optimizer step: sampled softmax of each pair's item against the shared negatives ``neg`` [M],
-        each logit plus the learned weight times the pair's memory ``feature`` [P, 1 + M].
+        each logit plus the learned weight times the pair's memory ``feature`` [P, 1 + M] (:meth:`_pair_features`).
         Pairs of weight 0 (padding) change nothing. Returns the weighted mean loss."""
         m = int(self.T_out.shape[0])
         emb = tf.gather(self.E_in, ctx_rows)                     # [P, L, d]
@@ -233,7 +259,10 @@ class SequenceModel(TableModel):
             self.theta.assign_sub(self.cfg.sequence_learning_rate * g_theta * tf.math.rsqrt(self.acc_theta))
         return loss / tf.maximum(tf.reduce_sum(weight), 1e-9)
 
-    def _train_and_count(self, ctx_rows, ctx_w, item, weight, neg, feature):
+    def _train_and_count(self, ctx_rows, ctx_w, item, weight, neg):
+        feature = (self._pair_features(self._memory(ctx_rows, ctx_w), tf.range(tf.shape(item)[0]), item, neg)
+                   if int(self.T_out.shape[0])
+                   else tf.zeros([tf.shape(item)[0], 1 + self.cfg.sequence_negatives]))
         loss = self._train(ctx_rows, ctx_w, item, weight, neg, feature)
         with tf.control_dependencies([loss]):
             self._count(ctx_rows, ctx_w, item, weight)
@@ -265,8 +294,7 @@ class SequenceModel(TableModel):
         i32, f32 = tf.int32, tf.float32
         self._train_fn = tf.function(self._train_and_count, autograph=False, input_signature=[
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32),
-            tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32),
-            tf.TensorSpec([d, 1 + self.cfg.sequence_negatives], f32)])
+            tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32)])
         self._scores_fn = tf.function(self._scores, autograph=False, input_signature=[
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32)])
         self._xla_calls: dict[int, object] = {}
@@ -288,24 +316,17 @@ class SequenceModel(TableModel):
         self._forget_evicted()
         return groups
 
-    def _step_arrays(self, groups, neg: np.ndarray):
-        """A step's pairs as flat arrays, with each pair's memory feature [P, 1 + M] (item, then ``neg``) read
-        from the counts *before* this step; then the step's pairs are counted (the same counting as
-        :meth:`_count` does in the program, which keeps the copy the lists read)."""
-        L, M = self.cfg.history, len(neg)
+    def _step_arrays(self, groups):
+        """A step's groups and pairs as flat arrays: the groups' contexts (rows, weights [G, L]), then each pair's
+        group [P], item and weight [P]."""
+        L = self.cfg.history
         if not groups:
-            return (np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), np.zeros(0, np.int32),
-                    np.zeros(0, np.float32), np.zeros((0, 1 + M), np.float32))
-        features = []
-        for r, w, items, ws in groups:
-            f = np.log(MEMORY_EPS + self.memory.feature(r, w, np.concatenate([items, neg]))).astype(np.float32)
-            features.append(np.concatenate([f[:len(items), None], np.broadcast_to(f[len(items):], (len(items), M))], 1))
-        for r, w, items, ws in groups:     # counted after every feature of the step is read, as the program does
-            self.memory.count(r, w, items, ws)
-        return (np.concatenate([np.broadcast_to(r, (len(items), L)) for r, _, items, _ in groups]),
-                np.concatenate([np.broadcast_to(w, (len(items), L)) for _, w, items, _ in groups]),
-                np.concatenate([items for *_, items, _ in groups]), np.concatenate([ws for *_, ws in groups]),
-                np.concatenate(features))
+            i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
+            return np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, i32, f32
+        sizes = [len(items) for *_, items, _ in groups]
+        return (np.stack([r for r, *_ in groups]), np.stack([w for _, w, *_ in groups]),
+                np.repeat(np.arange(len(groups), dtype=np.int32), sizes),
+                np.concatenate([items for *_, items, _ in groups]), np.concatenate([ws for *_, ws in groups]))
 
     def _negatives(self) -> np.ndarray:
         """``sequence_negatives`` item rows, uniform over the items that have a row now (shared by a step)."""
@@ -340,9 +361,9 @@ class SequenceModel(TableModel):
         if not groups:
             return StepStats(0.0, 0, time.perf_counter() - started)
         neg = self._negatives()
-        ctx_r, ctx_w, items, weights, feature = self._step_arrays(groups, neg)
+        grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
         with tf.device(self.device):
-            loss = self._train_fn(ctx_r, ctx_w, items, weights, neg, feature)
+            loss = self._train_fn(grp_r[pair_grp], grp_w[pair_grp], items, weights, neg)
         return StepStats(float(loss), len(items), time.perf_counter() - started)
 
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
@@ -364,7 +385,7 @@ class SequenceModel(TableModel):
     def _empty_work(self) -> _Work:
         L, M = self.cfg.history, self.cfg.sequence_negatives
         i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        return _Work(np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, f32, np.zeros((0, 1 + M), np.float32), i32,
+        return _Work(np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, i32, i32, f32, i32,
                      np.zeros((0, M), np.int32), np.zeros((0, L), np.int32), np.zeros((0, L), np.float32), i32, i32,
                      i32, i32, i32)
 
@@ -379,10 +400,10 @@ class SequenceModel(TableModel):
             return []
         self.maintain(windows[0][0])
         L = self.cfg.history
-        parts = {name: [] for name in ("ctx_r", "ctx_w", "item", "weight", "feature", "neg", "list_r", "list_w",
+        parts = {name: [] for name in ("grp_r", "grp_w", "pair_grp", "item", "weight", "neg", "list_r", "list_w",
                                        "excl_rec", "excl_item")}
-        pair_end, rec_end, excl_end, visible, due = [], [], [], [], []
-        n_pairs = n_recs = n_excl = 0
+        grp_end, pair_end, rec_end, excl_end, visible, due = [], [], [], [], [], []
+        n_groups = n_pairs = n_recs = n_excl = 0
         version, step0 = self.version, self.steps
         no_negatives = np.zeros(self.cfg.sequence_negatives, np.int32)
         for window_end, increments, chunk, frozen, last in self.window_steps(windows, batch_size):
@@ -396,12 +417,15 @@ class SequenceModel(TableModel):
                 self._grow()    # the counts must have room for this step's items before they are counted
                 self._reinit_reused()
                 neg = self._negatives() if groups else no_negatives
-                arrays = self._step_arrays(groups, neg)
-                n_pairs += len(arrays[2])
-                for name, a in zip(("ctx_r", "ctx_w", "item", "weight", "feature"), arrays):
+                grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
+                for name, a in zip(("grp_r", "grp_w", "pair_grp", "item", "weight"),
+                                   (grp_r, grp_w, pair_grp + n_groups, items, weights)):
                     parts[name].append(a)
+                n_groups += len(grp_r)
+                n_pairs += len(items)
                 version += bool(chunk)    # as in learn_many
             parts["neg"].append(neg)
+            grp_end.append(n_groups)
             pair_end.append(n_pairs)
             if last:
                 users = list(dict.fromkeys(inc.user_id for inc in increments))
@@ -424,8 +448,8 @@ class SequenceModel(TableModel):
         born = self._item_born(self.capacity(), step0)
         cat = lambda name, dtype, shape: (np.concatenate(parts[name]).astype(dtype) if parts[name]  # noqa: E731
                                           else np.zeros(shape, dtype))
-        work = _Work(cat("ctx_r", np.int32, (0, L)), cat("ctx_w", np.float32, (0, L)), cat("item", np.int32, (0,)),
-                     cat("weight", np.float32, (0,)), cat("feature", np.float32, (0, 1 + self.cfg.sequence_negatives)),
+        work = _Work(cat("grp_r", np.int32, (0, L)), cat("grp_w", np.float32, (0, L)), np.asarray(grp_end, np.int32),
+                     cat("pair_grp", np.int32, (0,)), cat("item", np.int32, (0,)), cat("weight", np.float32, (0,)),
                      np.asarray(pair_end, np.int32),
                      np.stack(parts["neg"]).astype(np.int32), cat("list_r", np.int32, (0, L)),
                      cat("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32), cat("excl_rec", np.int32, (0,)),
@@ -444,7 +468,8 @@ class SequenceModel(TableModel):
             if n_steps == 0:     # compile only
                 self._xla_part(work, item_born, k)
             while s0 < n_steps:
-                s1 = xb.span(sizes, (work.pair_end, work.rec_end, work.excl_end), (XLA_PAIRS, XLA_LISTS, XLA_EXCL), s0)
+                s1 = xb.span(sizes, (work.pair_end, work.rec_end, work.excl_end), (XLA_PAIRS, XLA_LISTS, XLA_EXCL), s0,
+                             largest=BLOCKS[-1])
                 part = self._xla_part if s1 > s0 else self._plain_part
                 s1 = max(s1, s0 + 1)
                 v, i = part(work.part(s0, s1), item_born, k)
@@ -458,7 +483,7 @@ class SequenceModel(TableModel):
     def _plain_part(self, w: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One step without the compiled program: its update, then its lists."""
         if len(w.item):
-            self._train_fn(w.ctx_rows, w.ctx_w, w.item, w.weight, w.neg[0], w.feature)   # and counts
+            self._train_fn(w.grp_rows[w.pair_grp], w.grp_w[w.pair_grp], w.item, w.weight, w.neg[0])   # and counts
         scores = self._scores_fn(w.list_rows, w.list_w).numpy()
         scores[:, item_born > w.visible[0]] = -np.inf
         scores[w.excl_rec, w.excl_item] = -np.inf
@@ -470,8 +495,9 @@ class SequenceModel(TableModel):
         n_lists = len(w.list_rows)
         list_excl_end = np.cumsum(np.bincount(w.excl_rec, minlength=n_lists)[:n_lists]).astype(np.int32)
         values, indices = self._xla_program(k)(*(tf.convert_to_tensor(a) for a in (
-            pad(w.ctx_rows, XLA_PAIRS_PAD), pad(w.ctx_w, XLA_PAIRS_PAD), pad(w.item, XLA_PAIRS_PAD),
-            pad(w.weight, XLA_PAIRS_PAD), pad(w.feature, XLA_PAIRS_PAD), pad(w.pair_end, XLA_STEPS), pad(w.neg, XLA_STEPS),
+            pad(w.grp_rows, XLA_PAIRS_PAD), pad(w.grp_w, XLA_PAIRS_PAD), pad(w.grp_end, XLA_STEPS),
+            pad(w.pair_grp, XLA_PAIRS_PAD), pad(w.item, XLA_PAIRS_PAD),
+            pad(w.weight, XLA_PAIRS_PAD), pad(w.pair_end, XLA_STEPS), pad(w.neg, XLA_STEPS),
             pad(w.rec_end, XLA_STEPS), pad(w.visible, XLA_STEPS), np.int32(len(w.pair_end)),
             pad(w.list_rows, XLA_LISTS_PAD), pad(w.list_w, XLA_LISTS_PAD), pad(list_excl_end, XLA_LISTS_PAD),
             pad(w.excl_rec, XLA_EXCL_PAD), pad(w.excl_item, XLA_EXCL_PAD), item_born)))
@@ -482,49 +508,82 @@ class SequenceModel(TableModel):
             return self._xla_calls[k]
         L, M, cap = self.cfg.history, self.cfg.sequence_negatives, self.capacity()
         take, start, bucket, once = xb.take, xb.start, xb.bucket, xb.once
+        m = int(self.T_out.shape[0])
 
-        def program(ctx_rows, ctx_w, item, weight, feature, pair_end, neg, rec_end, visible, n_steps, list_rows, list_w,
+        def program(grp_rows, grp_w, grp_end, pair_grp, item, weight, pair_end, neg, rec_end, visible, n_steps, list_rows, list_w,
                     list_excl_end, excl_rec, excl_item, item_born):
-            def learn(size, s, a, n):
+            def contexts(a, size):
+                """Rows and weights of the contexts of pairs ``a .. a + size``."""
+                groups = take(pair_grp, a, size)
+                return tf.gather(grp_rows, groups), tf.gather(grp_w, groups)
+
+            def learn(size, s, a, n, features):
                 def run():
                     mask = tf.cast(tf.range(size) < n, tf.float32)
-                    self._train(take(ctx_rows, a, size), take(ctx_w, a, size), take(item, a, size),
-                                take(weight, a, size) * mask, tf.gather(neg, s), take(feature, a, size))
+                    self._train(*contexts(a, size), take(item, a, size), take(weight, a, size) * mask, tf.gather(neg, s),
+                                features[:size])
                     return ()
                 return run
 
             def count(size, a, n):
                 def run():
                     mask = tf.cast(tf.range(size) < n, tf.float32)
-                    self._count(take(ctx_rows, a, size), take(ctx_w, a, size), take(item, a, size),
-                                take(weight, a, size) * mask)
+                    self._count(*contexts(a, size), take(item, a, size), take(weight, a, size) * mask)
                     return ()
                 return run
+
+            def features_of(s, memory, features):
+                """Step ``s``'s pair features into the first rows of ``features``, from the counts as they are now:
+                after step ``s - 1`` counted, before step ``s`` learns. First each group's memory row over every
+                item (into ``memory``), then each pair's candidates from its group's row. They are read here,
+                after the count, as the lists read them: XLA copies the whole count matrix on every step when
+                it is read before the same step's count."""
+                if not m:
+                    return memory, features
+                at = tf.minimum(s, XLA_STEPS - 1)
+                g0, a = start(grp_end, at), start(pair_end, at)
+                n_grp = tf.where(s < n_steps, tf.gather(grp_end, at) - g0, 0)
+                n = tf.where(s < n_steps, tf.gather(pair_end, at) - a, 0)
+                chosen = tf.where(n_grp > 0, bucket(n_grp, GROUP_BLOCKS), -1)
+                for j, size in enumerate(GROUP_BLOCKS):
+                    def rows(mem, size=size):
+                        new = self._memory(take(grp_rows, g0, size), take(grp_w, g0, size))
+                        return (tf.tensor_scatter_nd_update(mem, tf.range(size)[:, None], new),)
+                    memory, = once(chosen == j, rows, memory)
+                chosen = tf.where(n > 0, bucket(n, BLOCKS), -1)
+                for j, size in enumerate(BLOCKS):
+                    def pairs(f, size=size):
+                        group = tf.clip_by_value(take(pair_grp, a, size) - g0, 0, GROUP_BLOCKS[-1] - 1)
+                        new = self._pair_features(memory, group, take(item, a, size), tf.gather(neg, at))
+                        return (tf.tensor_scatter_nd_update(f, tf.range(size)[:, None], new),)
+                    features, = once(chosen == j, pairs, features)
+                return memory, features
 
             def score(rows, weights, s):
                 scores = self._scores(rows, weights)
                 return tf.where(item_born[None, :] <= tf.gather(visible, s), scores, float("-inf"))
 
-            def step(s, out_v, out_i):
+            def step(s, out_v, out_i, memory, features):
                 a = start(pair_end, s)
                 n = tf.gather(pair_end, s) - a
-                chosen = tf.where(n > 0, bucket(n, PAIR_BLOCKS), -1)
-                for j, size in enumerate(PAIR_BLOCKS):
-                    once(chosen == j, learn(size, s, a, n))
-                for j, size in enumerate(PAIR_BLOCKS):
+                chosen = tf.where(n > 0, bucket(n, BLOCKS), -1)
+                for j, size in enumerate(BLOCKS):
+                    once(chosen == j, learn(size, s, a, n, features))
+                for j, size in enumerate(BLOCKS):
                     once(chosen == j, count(size, a, n))
                 out_v, out_i = xb.list_step(s, rec_end, lambda r, size: score(take(list_rows, r, size),
                                                                               take(list_w, r, size), s),
                                             list_excl_end, excl_rec, excl_item, cap, k, out_v, out_i)
-                return s + 1, out_v, out_i
+                return (s + 1, out_v, out_i, *features_of(s + 1, memory, features))
 
-            return xb.step_loop(step, n_steps, k)
+            first = features_of(tf.constant(0), tf.zeros([GROUP_BLOCKS[-1], m]), tf.zeros([BLOCKS[-1], 1 + M]))
+            return xb.step_loop(step, n_steps, k, *first)
 
         i32 = lambda *shape: tf.TensorSpec(shape, tf.int32)  # noqa: E731
         f32 = lambda *shape: tf.TensorSpec(shape, tf.float32)  # noqa: E731
         P, R, E = XLA_PAIRS_PAD, XLA_LISTS_PAD, XLA_EXCL_PAD
         compiled = tf.function(program, jit_compile=True, autograph=False, input_signature=[
-            i32(P, L), f32(P, L), i32(P), f32(P), f32(P, 1 + M), i32(XLA_STEPS), i32(XLA_STEPS, M), i32(XLA_STEPS), i32(XLA_STEPS),
+            i32(P, L), f32(P, L), i32(XLA_STEPS), i32(P), i32(P), f32(P), i32(XLA_STEPS), i32(XLA_STEPS, M), i32(XLA_STEPS), i32(XLA_STEPS),
             i32(), i32(R, L), f32(R, L), i32(R), i32(E), i32(E), i32(cap)])
         self._xla_calls[k] = compiled.get_concrete_function()
         return self._xla_calls[k]
@@ -532,6 +591,7 @@ class SequenceModel(TableModel):
     # ---- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         n = self.items.high
+        self._sync_memory()
         return {"item_context_emb": self.E_in.numpy()[:n], "item_emb": self.E_out.numpy()[:n],
                 "item_bias": self.b.numpy()[:n], **{f"adagrad_{j}": a.numpy()[:n] for j, a in enumerate(self.acc)},
                 "counters": np.asarray([self.version, self.steps, self._next_expiry], np.int64),

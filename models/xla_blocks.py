@@ -38,10 +38,12 @@ def pad(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def span(sizes: np.ndarray, ends: Sequence[np.ndarray], caps: Sequence[int], s0: int) -> int:
+def span(sizes: np.ndarray, ends: Sequence[np.ndarray], caps: Sequence[int], s0: int,
+         largest: int = PAIR_BLOCKS[-1]) -> int:
     """End of the longest run of steps from ``s0`` that fits the program: at most XLA_STEPS steps, each
     ``ends[j]`` (cumulative end offsets per step) growing by at most ``caps[j]``, and no step whose size
-    exceeds the largest pair block (the run stops before it; ``s0`` itself if it is such a step).
+    exceeds ``largest``, the largest pair block the program has (the run stops before it; ``s0`` itself if
+    it is such a step).
 
     >>> span(np.array([3, 3, 5000, 1]), [np.array([3, 6, 5006, 5007])], [4096], 0)
     2
@@ -50,7 +52,7 @@ def span(sizes: np.ndarray, ends: Sequence[np.ndarray], caps: Sequence[int], s0:
     for e, cap in zip(ends, caps):
         base = int(e[s0 - 1]) if s0 else 0
         s1 = min(s1, int(np.searchsorted(e, base + cap, side="right")))
-    too_big = np.flatnonzero(sizes[s0:s1] > PAIR_BLOCKS[-1])
+    too_big = np.flatnonzero(sizes[s0:s1] > largest)
     return s0 + int(too_big[0]) if too_big.size else s1
 
 
@@ -76,12 +78,13 @@ def once(flag, fn: Callable, *state):
     return state
 
 
-def step_loop(step: Callable, n_steps, k: int):
-    """``step(s, out_v, out_i)`` for s = 0 .. n_steps - 1, strictly in order; returns the top-``k`` values and item
-    rows of every list the steps wrote (-inf / 0 in rows no list wrote)."""
-    _, out_v, out_i = tf.while_loop(
-        lambda s, ov, oi: s < n_steps, step,
-        [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], NEG_INF), tf.zeros([XLA_LISTS_PAD, k], tf.int32)],
+def step_loop(step: Callable, n_steps, k: int, *carry):
+    """``step(s, out_v, out_i, *carry)`` for s = 0 .. n_steps - 1, strictly in order (``carry``: what a step hands
+    the next); returns the top-``k`` values and item rows of every list the steps wrote (-inf / 0 in rows no
+    list wrote)."""
+    _, out_v, out_i, *_ = tf.while_loop(
+        lambda s, ov, oi, *_: s < n_steps, step,
+        [tf.constant(0), tf.fill([XLA_LISTS_PAD, k], NEG_INF), tf.zeros([XLA_LISTS_PAD, k], tf.int32), *carry],
         parallel_iterations=1)
     return out_v, out_i
 

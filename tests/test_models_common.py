@@ -142,6 +142,20 @@ def test_sequence_memory_bound_evicts_items_from_histories():
             assert set(rows[weights > 0].tolist()) <= live
 
 
+def test_sequence_compiled_steps_of_many_groups_match_the_reference():
+    """Steps of 1 to 16 increments with 1 to 4 items each: every group and pair block of the program, the
+    memory features read in the program between steps, against the reference loop."""
+    rng = np.random.default_rng(5)
+    windows = [(60_000 * (w + 1), [inc(f"u{u}", [f"i{x}" for x in rng.choice(40, rng.integers(1, 5), replace=False)],
+                                       end=60_000 * (w + 1)) for u in rng.choice(30, rng.integers(1, 17), replace=False)])
+               for w in range(12)]
+    compiled = build("sequence", batch_size=16).learn_windows(windows, 16, 5)
+    ref = Recommender.learn_windows(build("sequence", batch_size=16), windows, 16, 5)
+    assert key(compiled) == key(ref)
+    np.testing.assert_allclose([s for w in compiled for s in w.rec.scores], [s for w in ref for s in w.rec.scores],
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_sequence_oversize_step_goes_through_the_plain_path():
     from freshet.models.xla_blocks import PAIR_BLOCKS
     heavy = [inc(f"h{j}", [f"i{x}" for x in range(j, j + 700)], end=60_000) for j in range(4)]
