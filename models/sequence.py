@@ -259,10 +259,12 @@ class SequenceModel(TableModel):
             self.theta.assign_sub(self.cfg.sequence_learning_rate * g_theta * tf.math.rsqrt(self.acc_theta))
         return loss / tf.maximum(tf.reduce_sum(weight), 1e-9)
 
-    def _train_and_count(self, ctx_rows, ctx_w, item, weight, neg):
-        feature = (self._pair_features(self._memory(ctx_rows, ctx_w), tf.range(tf.shape(item)[0]), item, neg)
-                   if int(self.T_out.shape[0])
+    def _train_and_count(self, grp_rows, grp_w, pair_grp, item, weight, neg):
+        """One step outside the compiled program: the groups' contexts ``grp_rows``/``grp_w`` [G, L] and each
+        pair's group ``pair_grp`` [P] (memory rows are made per group: [G, L, m] floats at a time)."""
+        feature = (self._pair_features(self._memory(grp_rows, grp_w), pair_grp, item, neg) if int(self.T_out.shape[0])
                    else tf.zeros([tf.shape(item)[0], 1 + self.cfg.sequence_negatives]))
+        ctx_rows, ctx_w = tf.gather(grp_rows, pair_grp), tf.gather(grp_w, pair_grp)
         loss = self._train(ctx_rows, ctx_w, item, weight, neg, feature)
         with tf.control_dependencies([loss]):
             self._count(ctx_rows, ctx_w, item, weight)
@@ -294,7 +296,7 @@ class SequenceModel(TableModel):
         i32, f32 = tf.int32, tf.float32
         self._train_fn = tf.function(self._train_and_count, autograph=False, input_signature=[
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32),
-            tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32)])
+            tf.TensorSpec([d], i32), tf.TensorSpec([d], i32), tf.TensorSpec([d], f32), tf.TensorSpec([d], i32)])
         self._scores_fn = tf.function(self._scores, autograph=False, input_signature=[
             tf.TensorSpec([d, self.cfg.history], i32), tf.TensorSpec([d, self.cfg.history], f32)])
         self._xla_calls: dict[int, object] = {}
@@ -363,7 +365,7 @@ class SequenceModel(TableModel):
         neg = self._negatives()
         grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
         with tf.device(self.device):
-            loss = self._train_fn(grp_r[pair_grp], grp_w[pair_grp], items, weights, neg)
+            loss = self._train_fn(grp_r, grp_w, pair_grp, items, weights, neg)
         return StepStats(float(loss), len(items), time.perf_counter() - started)
 
     def recommend(self, users: Sequence[str], k: int, exclude_seen: bool = True) -> list[Recommendation]:
@@ -483,7 +485,7 @@ class SequenceModel(TableModel):
     def _plain_part(self, w: _Work, item_born: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """One step without the compiled program: its update, then its lists."""
         if len(w.item):
-            self._train_fn(w.grp_rows[w.pair_grp], w.grp_w[w.pair_grp], w.item, w.weight, w.neg[0])   # and counts
+            self._train_fn(w.grp_rows, w.grp_w, w.pair_grp, w.item, w.weight, w.neg[0])   # and counts
         scores = self._scores_fn(w.list_rows, w.list_w).numpy()
         scores[:, item_born > w.visible[0]] = -np.inf
         scores[w.excl_rec, w.excl_item] = -np.inf
