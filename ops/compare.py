@@ -84,17 +84,18 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
             if not recs or speed["dead_letters"]:
                 log(f"WARNING: {name} wrote {len(recs)} lists and {speed['dead_letters']} dead letters")
             result = evaluate(events, recs, ks=(10, 20))
+            model_s = model_seconds(kafka_io.read_json(scfg, scfg.kafka.metrics_topic))
             results[name] = {"description": system.description, "kind": scfg.model.kind, "lists": len(recs),
                              "dead_letters": speed["dead_letters"],
                              **{k: round(v, 5) for k, v in result.overall.items()},
                              "events_per_s": speed["events_per_s"], "processing_s": speed["processing_s"],
-                             "cpu_s": speed["cpu_s"], "peak_rss_mib": speed["peak_rss_mib"],
+                             "cpu_s": speed["cpu_s"], "model_s": model_s, "peak_rss_mib": speed["peak_rss_mib"],
                              "latency_ms": speed["latency_ms"],   # window closed -> list written, p50/p95/p99
                              "job_seconds": speed["wall_s"],
                              "by_day": {str(d): m["HR@10"] for d, m in sorted(result.by_day.items())}}
             log(f"{name}: HR@10 {result.overall['HR@10']:.4f}  NDCG@10 {result.overall['NDCG@10']:.4f}  "
                 f"HR@20 {result.overall['HR@20']:.4f}  coverage {result.overall['coverage']:.1%}  ({len(recs):,} lists; "
-                f"{speed['events_per_s']:,.0f} events/s, {speed['cpu_s']:.0f} CPU s)")
+                f"{speed['events_per_s']:,.0f} events/s, {speed['cpu_s']:.0f} CPU s, {model_s:.0f} s in model calls)")
             report = {"dataset": dataset, "events": len(df), "window_ms": cfg.window.size_ms,
                       "model": {k: v for k, v in cfg.model.__dict__.items()}, "systems": results,
                       "complete": j == len(systems), "wall_seconds": round(time.monotonic() - started, 1)}
@@ -104,12 +105,27 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     return report
 
 
+def model_seconds(metrics: list[dict]) -> float:
+    """Seconds a job spent inside model calls: each shard's last metrics record, summed.
+
+    >>> model_seconds([{"shard": 0, "emitted_at": 1, "model_call_seconds": 2.0},
+    ...                {"shard": 0, "emitted_at": 5, "model_call_seconds": 7.5}, {"shard": 1, "emitted_at": 3}])
+    7.5
+    """
+    last: dict = {}
+    for record in metrics:
+        if record.get("emitted_at", 0) >= last.get(record.get("shard"), {}).get("emitted_at", -1):
+            last[record.get("shard")] = record
+    return round(sum(r.get("model_call_seconds", 0.0) for r in last.values()), 1)
+
+
 def markdown_table(report: dict) -> str:
-    rows = ["| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | events/s | CPU s | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | events/s | CPU s | model s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["systems"].items():
         rows.append(f"| {name} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['HR@20']:.4f} | {r['coverage']:.1%} | "
-                    f"{r['lists']:,} | {r.get('events_per_s', 0):,.0f} | {r.get('cpu_s', '')} | {r.get('peak_rss_mib', '')} |")
+                    f"{r['lists']:,} | {r.get('events_per_s', 0):,.0f} | {r.get('cpu_s', '')} | {r.get('model_s', '')} | "
+                    f"{r.get('peak_rss_mib', '')} |")
     return "\n".join(rows)
 
 

@@ -24,9 +24,9 @@ def test_every_default_system_is_known_and_sets_a_valid_config():
 
 def test_report_table_has_quality_and_speed_columns(tmp_path):
     row = {"HR@10": 0.1, "NDCG@10": 0.05, "HR@20": 0.2, "coverage": 0.97, "lists": 1234, "events_per_s": 5000.0,
-           "cpu_s": 12.5, "peak_rss_mib": 900.0, "by_day": {"0": 0.1, "1": 0.2}}
+           "cpu_s": 12.5, "model_s": 7.1, "peak_rss_mib": 900.0, "by_day": {"0": 0.1, "1": 0.2}}
     report = {"dataset": "ml-100k", "systems": {"sequence": row, "bpr": row}}
     compare.write_report(report, tmp_path, log=lambda *_: None)
     table = (tmp_path / "quality-ml-100k.md").read_text().splitlines()
-    assert table[0].startswith("| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | events/s | CPU s")
-    assert table[2] == "| sequence | 0.1000 | 0.0500 | 0.2000 | 97.0% | 1,234 | 5,000 | 12.5 | 900.0 |"
+    assert table[0].startswith("| system | HR@10 | NDCG@10 | HR@20 | coverage | lists | events/s | CPU s | model s")
+    assert table[2] == "| sequence | 0.1000 | 0.0500 | 0.2000 | 97.0% | 1,234 | 5,000 | 12.5 | 7.1 | 900.0 |"

@@ -103,6 +103,7 @@ def test_levels_are_counters_set_from_the_task_thread_never_python_gauges(cfg):
     assert counters["model_calls"] == 1 and counters["recommendations_emitted"] == 3
     assert counters["live_events"] == fn.live.events > 0
     assert counters["last_model_call_ms"] == int(fn.last_call_ms)
+    assert fn._metrics(130000)["model_call_seconds"] == round(fn.last_call_ms / 1000, 2)   # one call so far
 
     fn.last_call_ms = 0.0                        # a level goes down as well as up
     fn._publish_levels()

@@ -135,6 +135,7 @@ class RecommendOnline(KeyedProcessFunction):
         # is in it, which crashes the TaskManager (SIGSEGV in libpython's frame stack).
         self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
         self.last_call_ms = 0.0
+        self.model_call_seconds = 0.0     # inside model calls since (re)start: what the model costs the job
         self.restored_windows = 0
         self.restored_version = 0
         self.last_snapshot = self.last_metrics = time.monotonic()
@@ -213,6 +214,7 @@ class RecommendOnline(KeyedProcessFunction):
             lists = self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
                                              self.cfg.model.exclude_seen)
             self.last_call_ms = (time.perf_counter() - started) * 1000
+            self.model_call_seconds += self.last_call_ms / 1000
             self.flush_log.add(closed[-1][0])
             self.flushes.inc()
             emitted_at = int(time.time() * 1000)
@@ -260,6 +262,7 @@ class RecommendOnline(KeyedProcessFunction):
                 "live_hit_rate": round(self.live.hit_rate, 6), "live_events": self.live.events,
                 "live_hits": self.live.hits, "recommendations_emitted": self.emitted.get_count(),
                 "model_calls": self.flushes.get_count(), "last_model_call_ms": round(self.last_call_ms, 1),
+                "model_call_seconds": round(self.model_call_seconds, 2),
                 "model_version": self.model.version, "users": self.model.n_users, "items": self.model.n_items,
                 "restored_windows": self.restored_windows, "restored_model_version": self.restored_version}
 
