@@ -211,9 +211,10 @@ class LocalFlinkCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
-            new = [tm for tm in status.taskmanagers if tm.id not in known]
             # A TaskManager registers first and reports its slots a moment later: wait for both.
-            if len([tm for tm in new if tm.slots_total >= self.cfg.local.taskmanager_slots]) >= missing:
+            ready = [tm for tm in status.taskmanagers
+                     if tm.id not in known and tm.slots_total >= self.cfg.local.taskmanager_slots]
+            if len(ready) >= missing:
                 log(f"started {missing} TaskManager(s)" + (f" ({live} were running)" if live else ""))
                 log(str(status))
                 return status
@@ -227,9 +228,7 @@ class LocalFlinkCluster:
             for script in ("taskmanager.sh", "jobmanager.sh"):
                 subprocess.run(["bash", str(FLINK_HOME / "bin" / script), "stop-all"], env=self._env(),
                                capture_output=True)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and any(processes.pid_alive(p) for ps in running.values() for p in ps):
-                time.sleep(0.3)
+            processes.wait_gone([p for ps in running.values() for p in ps], 30)
             for pid in (p for ps in running.values() for p in ps if processes.pid_alive(p)):
                 os.kill(pid, 9)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)   # incl. what processes killed with -9 left behind

@@ -95,6 +95,17 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def wait_gone(pids, timeout: float) -> bool:
+    """Until none of ``pids`` is alive (a JVM killed with -9 takes a moment to free its memory and go), at most
+    ``timeout`` seconds; True if they are all gone."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def read_pid(pid_file: Path) -> int | None:
     try:
         pid = int(pid_file.read_text().strip())
@@ -127,9 +138,6 @@ def stop_pid_file(pid_file: Path, timeout: float = 20.0) -> bool:
             return True
         except PermissionError:
             os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not pid_alive(pid):
-                return True
-            time.sleep(0.1)
+        if wait_gone([pid], wait):
+            return True
     return True

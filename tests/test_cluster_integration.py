@@ -70,10 +70,7 @@ def test_cluster_start_brings_up_the_configured_taskmanagers_and_replaces_a_lost
 
     lost = c.pids()["taskexecutor"][0]
     os.kill(lost, signal.SIGKILL)
-    for _ in range(50):
-        if not processes.pid_alive(lost):
-            break
-        time.sleep(0.1)
+    processes.wait_gone([lost], 5)
     before = {tm.id for tm in c.status().taskmanagers}     # the JobManager still lists the lost one
     status = c.start(log=said.append)
     live = c.pids()["taskexecutor"]

@@ -119,9 +119,7 @@ def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_d
     killed_at = time.time()
     for pid in taskmanagers:
         os.kill(pid, 9)
-    deadline = time.monotonic() + 30      # a JVM killed with -9 takes a moment to go (its memory is freed)
-    while any(processes.pid_alive(p) for p in taskmanagers) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    processes.wait_gone(taskmanagers, 30)      # as a user would: cluster start once the killed JVM is gone
     cluster.start()        # what a user types: brings the cluster back to local.taskmanagers
     assert cluster.wait(job, timeout=600) == "FINISHED"
     restored = cluster.checkpoints(job).get("latest", {}).get("restored") or {}
