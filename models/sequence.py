@@ -115,12 +115,10 @@ class SequenceModel(TableModel):
             self.acc = [tf.Variable(tf.fill(v.shape, ADAGRAD_INIT), name=f"adagrad_{j}")
                         for j, v in enumerate((self.E_in, self.E_out, self.b))]
             # The memory: counted transitions (not trained by gradient) and the learned weight of their feature.
-            # The counts live in the program (``T``, ``T_out``), which reads them for the pairs' features and
-            # the lists and counts each step's pairs; ``memory`` is their numpy form for growth, reuse of rows
-            # and the state (:meth:`_sync_memory`).
-            self.memory = TransitionCounts(cap, cfg.sequence_memory_items, cfg.transition_alpha,
-                                           cfg.transition_symmetric)
-            m = self.memory.size
+            # The counts live in the program only (``T``, ``T_out``, ``T_read``), which reads them for the pairs'
+            # features and the lists and counts each step's pairs; :meth:`_counts` makes their numpy form when
+            # the state or a reused row needs it.
+            m = min(cap, cfg.sequence_memory_items)
             self.T = tf.Variable(tf.zeros([m * m]), trainable=False, name="transitions")   # [m, m], flat
             self.T_read = tf.Variable(self._read_copy(self.T), trainable=False, name="transitions_read")
             self.T_out = tf.Variable(tf.zeros([m]), trainable=False, name="transitions_out")
@@ -152,10 +150,8 @@ class SequenceModel(TableModel):
             self.b = tf.Variable(tf.concat([self.b, tf.zeros([extra])], 0), name="item_bias")
             self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
                         for a in self.acc]
-            m_old = self.memory.size
-            self._sync_memory()
-            self.memory.grow(new)
-            m = self.memory.size
+            m_old = int(self.T_out.shape[0])
+            m = TransitionCounts.grown_size(m_old, new, self.cfg.sequence_memory_items)
             if m > m_old:
                 grown = tf.pad(tf.reshape(self.T, [m_old, m_old]), [[0, m - m_old], [0, m - m_old]])
                 self.T = tf.Variable(tf.reshape(grown, [-1]), trainable=False, name="transitions")
@@ -163,17 +159,16 @@ class SequenceModel(TableModel):
                 self.T_out = tf.Variable(tf.pad(self.T_out, [[0, m - m_old]]), trainable=False, name="transitions_out")
         self._compile()
 
-    def _sync_memory(self) -> None:
-        """The program's counts into their numpy form (which is otherwise not kept up to date)."""
-        m = self.memory.size
-        if m:
-            self.memory.counts[...] = self.T.numpy().reshape(m, m)
-            self.memory.out[...] = self.T_out.numpy()
+    def _counts(self) -> TransitionCounts:
+        """The program's counts as numpy (a copy, made when needed: the state, reused rows)."""
+        m = int(self.T_out.shape[0])
+        return TransitionCounts.of(self.T.numpy().reshape(m, m), self.T_out.numpy(), self.cfg.sequence_memory_items,
+                                   self.cfg.transition_alpha, self.cfg.transition_symmetric)
 
-    def _assign_counts(self) -> None:
-        """The numpy counts into the program's (and its float16 read copy)."""
-        self.T.assign(self.memory.counts.reshape(-1))
-        self.T_out.assign(self.memory.out)
+    def _assign_counts(self, counts: TransitionCounts) -> None:
+        """Numpy counts (of the program's size) into the program, and its float16 read copy."""
+        self.T.assign(counts.counts.reshape(-1))
+        self.T_out.assign(counts.out)
         self.T_read.assign(self._read_copy(self.T))
 
     @staticmethod
@@ -197,10 +192,10 @@ class SequenceModel(TableModel):
             self.b.scatter_nd_update(at, np.zeros(len(rows), np.float32))
             for acc in self.acc:
                 acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
-            if any(r < self.memory.size for r in rows):     # rare (evictions)
-                self._sync_memory()
-                self.memory.zero(rows)
-                self._assign_counts()
+            if any(r < int(self.T_out.shape[0]) for r in rows):     # rare (evictions)
+                counts = self._counts()
+                counts.zero(rows)
+                self._assign_counts(counts)
 
     # ---- the model's math (once; the reference and the fused loop both call it) -------------------
     def _encode(self, rows, weights):
@@ -611,11 +606,10 @@ class SequenceModel(TableModel):
     # ---- persistence ----------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         n = self.items.high
-        self._sync_memory()
         return {"item_context_emb": self.E_in.numpy()[:n], "item_emb": self.E_out.numpy()[:n],
                 "item_bias": self.b.numpy()[:n], **{f"adagrad_{j}": a.numpy()[:n] for j, a in enumerate(self.acc)},
                 "counters": np.asarray([self.version, self.steps, self._next_expiry], np.int64),
-                **self.memory.state(),
+                **self._counts().state(),
                 "memory_weight": np.concatenate([self.theta.numpy(), self.acc_theta.numpy()]),
                 **self.users.state("users"), **self.items.state("items"), **pack_seen(self.seen),
                 **self.history.state(),
@@ -634,9 +628,11 @@ class SequenceModel(TableModel):
             for var, name in zip(model._variables(), ("item_context_emb", "item_emb", "item_bias", "adagrad_0",
                                                       "adagrad_1", "adagrad_2")):
                 var[:n].assign(z[name])
-        model.memory.load(z)
-        if model.memory.size:
-            model._assign_counts()
+        m = int(model.T_out.shape[0])
+        if m:
+            counts = TransitionCounts(m, m, cfg.transition_alpha, cfg.transition_symmetric)
+            counts.load(z)      # cut to this model's size; converted if saved with another transition_symmetric
+            model._assign_counts(counts)
             model.theta.assign(z["memory_weight"][:1])
             model.acc_theta.assign(z["memory_weight"][1:])
         model.seen = unpack_seen(z)

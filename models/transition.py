@@ -78,15 +78,32 @@ class TransitionCounts:
     def size(self) -> int:
         return len(self.out)
 
-    def grow(self, n: int) -> None:
-        """Room for rows ``0..n-1`` (doubling, at most ``bound``)."""
-        m = self.size
-        if n <= m or m >= self.bound:
-            return
+    @classmethod
+    def of(cls, counts: np.ndarray, out: np.ndarray, bound: int, alpha: float, symmetric: float) -> "TransitionCounts":
+        """Counts held elsewhere (e.g. a model's device copy) as this class, for its state and its row updates."""
+        t = cls(0, bound, alpha, symmetric)
+        t.counts, t.out = counts, out
+        return t
+
+    @staticmethod
+    def grown_size(m: int, n: int, bound: int) -> int:
+        """The size for rows ``0..n-1`` from size ``m``: doubling, at most ``bound``.
+
+        >>> TransitionCounts.grown_size(4, 5, 100), TransitionCounts.grown_size(4, 3, 100), TransitionCounts.grown_size(64, 65, 100)
+        (8, 4, 100)
+        """
+        if n <= m or m >= bound:
+            return m
         new = max(m, 1)
         while new < n:
             new *= 2
-        new = min(new, self.bound)
+        return min(new, bound)
+
+    def grow(self, n: int) -> None:
+        """Room for rows ``0..n-1`` (doubling, at most ``bound``)."""
+        m, new = self.size, self.grown_size(self.size, n, self.bound)
+        if new == m:
+            return
         self.counts = np.pad(self.counts, [(0, new - m), (0, new - m)])
         self.out = np.pad(self.out, [(0, new - m)])
 
