@@ -208,6 +208,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class FlinkConfig:
     parallelism: int = 1
+    max_parallelism: int = 128                # Flink's key groups (pipeline.max-parallelism): fixed for a savepoint
     execution_mode: str = "thread"
     checkpoint_interval_ms: int = 10000
     state_backend: str = "hashmap"            # hashmap (heap; fastest for this job's small state) | rocksdb (disk)
@@ -223,6 +224,8 @@ class FlinkConfig:
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
+        _require(self.parallelism <= self.max_parallelism <= 32768,
+                 "flink.max_parallelism must be at least flink.parallelism and at most 32768")
         _require(self.python_bundle_time_ms >= 1 and self.python_bundle_size >= 1,
                  "flink.python_bundle_time_ms and flink.python_bundle_size must be >= 1")
         _require(self.model_snapshot_interval_ms >= 0, "flink.model_snapshot_interval_ms must be >= 0 (0: every call)")

@@ -39,6 +39,7 @@ def flink_configuration(cfg: Config) -> Configuration:
     conf.set_string("python.fn-execution.bundle.time", str(cfg.flink.python_bundle_time_ms))
     conf.set_string("python.fn-execution.bundle.size", str(cfg.flink.python_bundle_size))
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
+    conf.set_string("pipeline.max-parallelism", str(cfg.flink.max_parallelism))
     conf.set_string("state.backend.type", cfg.flink.state_backend)
     conf.set_string("execution.checkpointing.dir", savepoints.checkpoint_dir(cfg).resolve().as_uri())
     conf.set_string("execution.checkpointing.savepoint-dir", savepoints.savepoint_dir(cfg).resolve().as_uri())
@@ -119,6 +120,22 @@ def _keyed_by_first_field(stream: DataStream, key_type, row_type) -> KeyedStream
     return KeyedStream(j_keyed, row_type, stream)
 
 
+def shard_keys(parallelism: int, max_parallelism: int) -> list[int]:
+    """One model-shard key per subtask: the smallest int that Flink's key groups put on subtask j, for j = 0..p-1
+    (asked of Flink itself, for the one-field row the job keys by). With keys 0..p-1 instead, two shards can
+    share a subtask while another idles."""
+    jvm = get_gateway().jvm
+    assign = jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment.assignKeyToParallelOperator
+    keys: dict[int, int] = {}
+    candidate = 0
+    while len(keys) < parallelism:
+        row = jvm.org.apache.flink.types.Row(1)
+        row.setField(0, candidate)
+        keys.setdefault(assign(row, max_parallelism, parallelism), candidate)
+        candidate += 1
+    return [keys[j] for j in range(parallelism)]
+
+
 def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StreamTableEnvironment:
     """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks."""
     t_env = StreamTableEnvironment.create(env)
@@ -135,7 +152,8 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # -> one row per (model shard, window) with every user's items (JVM windows), plus the dead letters,
     #    in one stream: the only one that crosses into Python.
     #    Each row comes as (shard, row): keyed in the JVM (see _keyed_by_first_field).
-    t_env.create_temporary_view("window_batches", t_env.sql_query(tables.window_batches_query(cfg, "on_time")))
+    keys = shard_keys(cfg.flink.parallelism, cfg.flink.max_parallelism)
+    t_env.create_temporary_view("window_batches", t_env.sql_query(tables.window_batches_query(cfg, "on_time", keys)))
     to_model = t_env.to_append_stream(t_env.sql_query(
         "SELECT shard, ROW(kind, shard, window_end_ms, closed_at, body) FROM ("
         "SELECT 'win' AS kind, shard, window_end_ms, closed_at, quads AS body FROM window_batches "

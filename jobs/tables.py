@@ -4,6 +4,8 @@ Kept apart from the wiring so each statement can be read (and tested) on its own
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from freshet.conf.settings import Config
 
 
@@ -235,13 +237,25 @@ def late_reason_sql(cfg: Config) -> str:
             f"CAST({window_end_sql(cfg, 'ts')} AS STRING), ') has closed')")
 
 
-def shard_sql(user: str, shards: int) -> str:
-    """Which model (subtask) a user's increments go to: stable across runs (Java's String.hashCode)."""
-    return f"CAST(MOD(ABS(MOD(HASH_CODE({user}), 1048576)), {shards}) AS INT)" if shards > 1 else "0"
+def shard_sql(user: str, keys: Sequence[int]) -> str:
+    """Which model shard a user's increments go to: ``keys[hash(user) mod len(keys)]``, stable across runs
+    (Java's String.hashCode). ``keys``: one key per shard, chosen to land on distinct subtasks.
+
+    >>> shard_sql("u", [0])
+    '0'
+    >>> shard_sql("u", [0, 5])
+    'CASE CAST(MOD(ABS(MOD(HASH_CODE(u), 1048576)), 2) AS INT) WHEN 0 THEN 0 ELSE 5 END'
+    """
+    if len(keys) == 1:
+        return str(int(keys[0]))
+    which = f"CAST(MOD(ABS(MOD(HASH_CODE({user}), 1048576)), {len(keys)}) AS INT)"
+    cases = " ".join(f"WHEN {j} THEN {int(k)}" for j, k in enumerate(keys[:-1]))
+    return f"CASE {which} {cases} ELSE {int(keys[-1])} END"
 
 
-def window_batches_query(cfg: Config, events: str) -> str:
-    """Per (model shard, window): every user's items with summed weights and counts, in one row.
+def window_batches_query(cfg: Config, events: str, shard_keys: Sequence[int]) -> str:
+    """Per (model shard, window): every user's items with summed weights and counts, in one row. ``shard_keys``:
+    the key of each shard (:func:`shard_sql`).
 
     ``quads`` is ``[[user, item, weight, count], ...]`` as JSON text. The inner window aggregation sums per
     (user, item); the outer one, a cascaded window over the same tumbling window, folds a whole window of
@@ -257,12 +271,12 @@ WITH per_item AS (
   FROM TABLE(TUMBLE(TABLE {events}, DESCRIPTOR(rowtime), {size}))
   GROUP BY user_id, item_id, window_start, window_end, window_time
 )
-SELECT {shard_sql('user_id', cfg.flink.parallelism)} AS shard,
+SELECT {shard_sql('user_id', shard_keys)} AS shard,
        MAX(max_ts) - MOD(MAX(max_ts), {size_ms}) + {size_ms} AS window_end_ms,
        {now_ms_sql()} AS closed_at,
        JSON_ARRAYAGG(JSON_ARRAY(user_id, item_id, weight, cnt)) AS quads
 FROM TABLE(TUMBLE(TABLE per_item, DESCRIPTOR(item_time), {size}))
-GROUP BY {shard_sql('user_id', cfg.flink.parallelism)}, window_start, window_end
+GROUP BY {shard_sql('user_id', shard_keys)}, window_start, window_end
 """
 
 

@@ -29,8 +29,9 @@ from freshet.models.base import FIXED_SETTINGS
 
 CONFIG_FILE = "freshet-config.json"
 # (section, key): settings baked into the saved state. The model's variables have shapes set by its kind
-# and size; users are split into model shards by the parallelism (one model per shard).
-FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "parallelism"),)
+# and size; users are split into model shards by the parallelism (one model per shard), and keyed state into
+# key groups by the max parallelism.
+FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "parallelism"), ("flink", "max_parallelism"))
 
 
 def config_record(cfg: Config) -> dict:

@@ -14,8 +14,8 @@ the parameters it had at the checkpoint, not from scratch and not from a later p
 whole model on every call would cost far more than appending increments; replaying at most one
 snapshot interval of calls costs seconds, once, on restore.
 
-The input is keyed by model shard (computed in SQL from the user id), so each subtask holds one model
-for its users and the state sits under one key per model. Each input row is a whole window of a shard
+The input is keyed by model shard (computed in SQL from the user id): one model per key, its state under
+that key. Flink's key groups may put two shards on one subtask; they stay two models (:class:`Shard`). Each input row is a whole window of a shard
 (``kind = 'win'``: every user's items as one JSON text), so the JVM -> Python boundary is crossed once
 per window, not once per event; dead letters found in the JVM (``kind = 'dlq'``) pass straight through.
 """
@@ -96,8 +96,29 @@ class Level:
             self.value = value
 
 
+class Shard:
+    """What the operator keeps for one model shard (one key): its model, the windows waiting for the
+    watermark, and its live quality. Its Flink state is the operator's keyed state under the shard's key."""
+
+    def __init__(self, key: int, model, k: int):
+        self.key, self.model = key, model
+        self.buffer = WindowBuffer()
+        self.window_rows: dict[int, tuple[int, str]] = {}   # pending window_end -> (closed_at, quads), for the log
+        self.closed_at: dict[int, int] = {}                 # window_end -> when the JVM closed it (last call)
+        self.armed: int | None = None   # the earliest event-time timer registered for it that has not fired
+        self.last_call_ms = 0.0
+        self.model_call_seconds = 0.0     # inside model calls since (re)start: what the model costs the job
+        self.calls = self.emitted = 0
+        self.restored_windows = 0
+        self.restored_version = 0
+        self.last_snapshot = self.last_metrics = time.monotonic()
+        self.end_reported = False
+        self.live = LiveHitRate(k)
+
+
 class RecommendOnline(KeyedProcessFunction):
-    """Keyed by model shard. Increments of many users share each micro-batch.
+    """Keyed by model shard: one model per key, so shards that Flink's key groups put on one subtask still
+    learn apart (``shard``: the key's :class:`Shard`). Increments of many users share each micro-batch.
 
     Increments wait in a buffer until the watermark passes their window's end (one event-time timer, at
     the earliest waiting window's ``window_end - 1``). Then all windows closed so far are handed to the
@@ -110,15 +131,11 @@ class RecommendOnline(KeyedProcessFunction):
         self.cfg = cfg
 
     def open(self, runtime_context):
-        self.model = None     # loaded lazily: keyed state can only be read with a current key
-        # A fresh model, compiled for its first call now, while the JVM starts reading: used unless a
-        # checkpoint holds one (TensorFlow's import and the XLA compile took ~10 s after the first window).
+        self.shards: dict[int, Shard] = {}   # loaded lazily: keyed state can only be read with a current key
+        # A fresh model, compiled for its first call now, while the JVM starts reading: used by the first shard
+        # unless a checkpoint holds one (TensorFlow's import and the XLA compile took ~10 s after the first window).
         self.fresh = build_model(self.cfg)
         self.fresh.warm_up(self.cfg.model.k)
-        self.buffer = WindowBuffer()
-        self.window_rows: dict[int, tuple[int, str]] = {}   # pending window_end -> (closed_at, quads), for the log
-        self.closed_at: dict[int, int] = {}                 # window_end -> when the JVM closed it (last call)
-        self.armed: int | None = None   # the earliest event-time timer this instance registered that has not fired
         # A list of at most one snapshot, base64 text: PyFlink's embedded (thread) mode can neither read an
         # unset ValueState nor hand Python bytes to a byte[] state.
         self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.STRING()))
@@ -134,135 +151,140 @@ class RecommendOnline(KeyedProcessFunction):
         # mode that enters this operator's Python interpreter from a foreign thread while the task thread
         # is in it, which crashes the TaskManager (SIGSEGV in libpython's frame stack).
         self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
-        self.last_call_ms = 0.0
-        self.model_call_seconds = 0.0     # inside model calls since (re)start: what the model costs the job
-        self.restored_windows = 0
-        self.restored_version = 0
-        self.last_snapshot = self.last_metrics = time.monotonic()
-        self.end_reported = False
-        self.live = LiveHitRate(self.cfg.model.k)
 
     # ---- state -----------------------------------------------------------------------------------
-    def _ensure_model(self) -> None:
-        """First call after (re)start: the checkpointed model plus the calls logged after its snapshot."""
-        if self.model is not None:
-            return
+    def _shard(self, key: int) -> Shard:
+        """The current key's shard; on its first call after (re)start, the checkpointed model plus the calls
+        logged after its snapshot."""
+        shard = self.shards.get(key)
+        if shard is not None:
+            return shard
         blob = next(iter(self.model_state.get() or []), None)
-        self.model = model_class(self.cfg).from_bytes(base64.b64decode(blob), self.cfg.model) if blob else self.fresh
+        model = (model_class(self.cfg).from_bytes(base64.b64decode(blob), self.cfg.model) if blob
+                 else self.fresh or build_model(self.cfg))
         self.fresh = None
+        shard = self.shards[key] = Shard(key, model, self.cfg.model.k)
         for entry in (self.log.get() or []):
-            self._add_window(*log_entry_fields(entry))
+            self._add_window(shard, *log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
         for upto in boundaries:     # re-learn exactly the calls made before the checkpoint, emit nothing
-            closed = self._close(upto - 1)
-            self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
-            self.restored_windows += len(closed)
-        self.restored_version = self.model.version   # 0 unless a checkpoint held a model or logged calls
+            closed = self._close(shard, upto - 1)
+            model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
+            shard.restored_windows += len(closed)
+        shard.restored_version = model.version   # 0 unless a checkpoint held a model or logged calls
+        return shard
 
-    def _add_window(self, window_end: int, closed_at: int, quads: str) -> None:
+    def _add_window(self, shard: Shard, window_end: int, closed_at: int, quads: str) -> None:
         for inc in Increment.window_from_quads(window_end, quads, self.cfg.window.max_items_per_increment,
                                                self.cfg.window.max_events_per_user_window):
-            self.buffer.add(inc)
-        self.window_rows[window_end] = (closed_at, quads)
+            shard.buffer.add(inc)
+        shard.window_rows[window_end] = (closed_at, quads)
 
-    def _close(self, watermark: int) -> list:
-        closed = self.buffer.close(watermark)
-        self.closed_at = {end: self.window_rows.pop(end, (0, ""))[0] for end, _ in closed}
+    @staticmethod
+    def _close(shard: Shard, watermark: int) -> list:
+        closed = shard.buffer.close(watermark)
+        shard.closed_at = {end: shard.window_rows.pop(end, (0, ""))[0] for end, _ in closed}
         return closed
 
-    def _snapshot_if_due(self) -> None:
-        if time.monotonic() - self.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
+    def _snapshot_if_due(self, shard: Shard) -> None:
+        if time.monotonic() - shard.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
             return
         self.model_state.clear()
-        self.model_state.add(base64.b64encode(self.model.to_bytes()).decode("ascii"))
+        self.model_state.add(base64.b64encode(shard.model.to_bytes()).decode("ascii"))
         self.flush_log.clear()
         self.log.clear()
-        for window_end, (closed_at, quads) in sorted(self.window_rows.items()):
+        for window_end, (closed_at, quads) in sorted(shard.window_rows.items()):
             self.log.add(log_entry(window_end, closed_at, quads))
-        self.last_snapshot = time.monotonic()
+        shard.last_snapshot = time.monotonic()
 
     # ---- processing ------------------------------------------------------------------------------
     def process_element(self, row, ctx):
-        kind, _shard, window_end, closed_at, body = row[0], row[1], row[2], row[3], row[4]
+        kind, window_end, closed_at, body = row[0], row[2], row[3], row[4]
         if kind == "dlq":
             yield Row("dlq", None, body, None)
             return
-        self._ensure_model()
-        self._add_window(window_end, closed_at, body)
+        shard = self._shard(ctx.get_current_key())
+        self._add_window(shard, window_end, closed_at, body)
         self.log.add(log_entry(window_end, closed_at, body))
-        self._arm(ctx, window_end)
+        self._arm(shard, ctx, window_end)
 
-    def _arm(self, ctx, window_end: int | None = None) -> None:
+    @staticmethod
+    def _arm(shard: Shard, ctx, window_end: int | None = None) -> None:
         """Keep one timer at the earliest waiting window's last millisecond (a timer per window costs a
         state write each; when it fires, every window the watermark has passed is closed anyway).
 
         ``window_end``: the window just added; with a timer armed, only it can be earlier than the timer.
         """
-        end = window_end if window_end is not None and self.armed is not None else self.buffer.next_end()
-        if end is not None and (self.armed is None or end - 1 < self.armed):
+        end = window_end if window_end is not None and shard.armed is not None else shard.buffer.next_end()
+        if end is not None and (shard.armed is None or end - 1 < shard.armed):
             ctx.timer_service().register_event_time_timer(end - 1)
-            self.armed = end - 1
+            shard.armed = end - 1
 
     def on_timer(self, timestamp, ctx):
-        self._ensure_model()
-        if self.armed is not None and self.armed <= timestamp:
-            self.armed = None   # fired (timers fire in timestamp order)
+        shard = self._shard(ctx.get_current_key())
+        if shard.armed is not None and shard.armed <= timestamp:
+            shard.armed = None   # fired (timers fire in timestamp order)
         watermark = ctx.timer_service().current_watermark()
-        closed = self._close(max(timestamp, watermark))
+        closed = self._close(shard, max(timestamp, watermark))
         if closed:  # else another timer for the same windows already flushed them
             started = time.perf_counter()
-            lists = self.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
-                                             self.cfg.model.exclude_seen)
-            self.last_call_ms = (time.perf_counter() - started) * 1000
-            self.model_call_seconds += self.last_call_ms / 1000
+            lists = shard.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
+                                              self.cfg.model.exclude_seen)
+            shard.last_call_ms = (time.perf_counter() - started) * 1000
+            shard.model_call_seconds += shard.last_call_ms / 1000
             self.flush_log.add(closed[-1][0])
             self.flushes.inc()
+            shard.calls += 1
+            shard.emitted += len(lists)
             emitted_at = int(time.time() * 1000)
             for wl in lists:
-                yield Row("rec", wl.user_id, wl.to_json(emitted_at), self.closed_at.get(wl.window_end))
+                yield Row("rec", wl.user_id, wl.to_json(emitted_at), shard.closed_at.get(wl.window_end))
             self.emitted.inc(len(lists))
-            self._score_live(closed, lists)
-            self._snapshot_if_due()
-            self._publish_levels()
-        self._arm(ctx)
-        if self._metrics_due(watermark):
-            shard = ctx.get_current_key()
-            yield Row("metrics", f"shard-{shard}", json.dumps({"shard": shard, **self._metrics(watermark)}), None)
+            self._score_live(shard, closed, lists)
+            self._snapshot_if_due(shard)
+            self._publish_levels(shard)
+        self._arm(shard, ctx)
+        if self._metrics_due(shard, watermark):
+            yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
+                      None)
 
-    def _publish_levels(self) -> None:
-        values = (self.last_call_ms, self.live.hit_rate * 1_000_000, self.live.events, self.model.version,
-                  self.restored_windows)
+    def _publish_levels(self, shard: Shard) -> None:
+        """The operator's levels, from the shard that made the last call."""
+        values = (shard.last_call_ms, shard.live.hit_rate * 1_000_000, shard.live.events, shard.model.version,
+                  shard.restored_windows)
         for name, value in zip(LEVELS, values):
             self.levels[name].set(value)
 
     # ---- live quality ----------------------------------------------------------------------------
-    def _score_live(self, closed, lists):
+    @staticmethod
+    def _score_live(shard: Shard, closed, lists):
         """Prequential, window by window: score a window's events, then remember its lists."""
         by_window: dict[int, list] = {}
         for wl in lists:
             by_window.setdefault(wl.window_end, []).append((wl.user_id, wl.rec.items))
         for window_end, increments in closed:
-            self.live.score(increments)
-            self.live.remember(by_window.get(window_end, []))
+            shard.live.score(increments)
+            shard.live.remember(by_window.get(window_end, []))
 
-    def _metrics_due(self, watermark: int) -> bool:
+    def _metrics_due(self, shard: Shard, watermark: int) -> bool:
         now = time.monotonic()
         if watermark >= END_OF_INPUT:      # end of a bounded input: every pending timer fires; report once
-            done, self.end_reported = self.end_reported, True
+            done, shard.end_reported = shard.end_reported, True
             return not done
-        if now - self.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000:
-            self.last_metrics = now
+        if now - shard.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000:
+            shard.last_metrics = now
             return True
         return False
 
-    def _metrics(self, watermark: int) -> dict:
-        """One live-metrics record (the metrics topic): quality since (re)start, model size and speed."""
+    def _metrics(self, shard: Shard, watermark: int) -> dict:
+        """One live-metrics record (the metrics topic): the shard's quality since (re)start, model size and speed."""
+        live, model = shard.live, shard.model
         return {"emitted_at": int(time.time() * 1000),
-                "watermark": None if watermark >= END_OF_INPUT else watermark, "k": self.live.k,
-                "live_hit_rate": round(self.live.hit_rate, 6), "live_events": self.live.events,
-                "live_hits": self.live.hits, "recommendations_emitted": self.emitted.get_count(),
-                "model_calls": self.flushes.get_count(), "last_model_call_ms": round(self.last_call_ms, 1),
-                "model_call_seconds": round(self.model_call_seconds, 2),
-                "model_version": self.model.version, "users": self.model.n_users, "items": self.model.n_items,
-                "restored_windows": self.restored_windows, "restored_model_version": self.restored_version}
-
+                "watermark": None if watermark >= END_OF_INPUT else watermark, "k": live.k,
+                "live_hit_rate": round(live.hit_rate, 6), "live_events": live.events,
+                "live_hits": live.hits, "recommendations_emitted": shard.emitted,
+                "model_calls": shard.calls, "last_model_call_ms": round(shard.last_call_ms, 1),
+                "model_call_seconds": round(shard.model_call_seconds, 2),
+                "model_version": model.version, "users": model.n_users, "items": model.n_items,
+                "restored_windows": shard.restored_windows, "restored_model_version": shard.restored_version,
+                "shards_on_subtask": len(self.shards)}     # > 1: Flink put several shards on this subtask
