@@ -15,9 +15,10 @@ whole model on every call would cost far more than appending increments; replayi
 snapshot interval of calls costs seconds, once, on restore.
 
 The input is keyed by model shard (computed in SQL from the user id): one model per key, its state under
-that key. Flink's key groups may put two shards on one subtask; they stay two models (:class:`Shard`). Each input row is a whole window of a shard
-(``kind = 'win'``: every user's items as one JSON text), so the JVM -> Python boundary is crossed once
-per window, not once per event; dead letters found in the JVM (``kind = 'dlq'``) pass straight through.
+that key; were two shards to meet on one subtask, they would stay two models (:class:`Shard`). Each input
+row is a whole window of a shard (``kind = 'win'``: every user's items as one JSON text), so the JVM ->
+Python boundary is crossed once per window, not once per event; dead letters found in the JVM
+(``kind = 'dlq'``) pass straight through.
 """
 from __future__ import annotations
 
