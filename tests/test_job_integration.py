@@ -147,3 +147,22 @@ def test_at_parallelism_two_each_shard_is_its_own_model_and_every_user_window_ge
     assert sum(m["live_events"] for m in final) == len(events)
     assert sum(m["recommendations_emitted"] for m in final) == len(got)
     assert sum(m["users"] for m in final) == len(USERS), "each user in exactly one shard's model"
+
+
+def test_shard_keys_put_one_shard_on_each_subtask_and_do_not_move():
+    """The shard keys come from Flink's own key-group assignment: one key per subtask, none shared. They are
+    part of every savepoint's keyed state, so a Flink upgrade that moved them would strand saved models; the
+    values pinned here catch that (and p = 1 keeps key 0, as before keys were chosen)."""
+    from pyflink.java_gateway import get_gateway
+
+    from freshet.jobs.recommender_job import shard_keys
+    assign = get_gateway().jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment.assignKeyToParallelOperator
+    for p in (1, 2, 3, 4, 8):
+        keys = shard_keys(p, 128)
+        rows = []
+        for k in keys:
+            row = get_gateway().jvm.org.apache.flink.types.Row(1)
+            row.setField(0, k)
+            rows.append(row)
+        assert [assign(row, 128, p) for row in rows] == list(range(p))
+    assert shard_keys(1, 128) == [0] and shard_keys(2, 128) == [0, 2] and shard_keys(4, 128) == [4, 0, 8, 2]
