@@ -133,6 +133,11 @@ class SequenceModel(TableModel):
     def capacity(self) -> int:
         return int(self.E_in.shape[0])
 
+    @property
+    def memory_size(self) -> int:
+        """Item rows the counts cover (the first ``memory_size`` rows; 0: no memory)."""
+        return int(self.T_out.shape[0])
+
     def _variables(self) -> list[tf.Variable]:
         return [self.E_in, self.E_out, self.b, *self.acc]
 
@@ -150,7 +155,7 @@ class SequenceModel(TableModel):
             self.b = tf.Variable(tf.concat([self.b, tf.zeros([extra])], 0), name="item_bias")
             self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
                         for a in self.acc]
-            m_old = int(self.T_out.shape[0])
+            m_old = self.memory_size
             m = TransitionCounts.grown_size(m_old, new, self.cfg.sequence_memory_items)
             if m > m_old:
                 grown = tf.pad(tf.reshape(self.T, [m_old, m_old]), [[0, m - m_old], [0, m - m_old]])
@@ -161,7 +166,7 @@ class SequenceModel(TableModel):
 
     def _counts(self) -> TransitionCounts:
         """The program's counts as numpy (a copy, made when needed: the state, reused rows)."""
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
         return TransitionCounts.of(self.T.numpy().reshape(m, m), self.T_out.numpy(), self.cfg.sequence_memory_items,
                                    self.cfg.transition_alpha, self.cfg.transition_symmetric)
 
@@ -192,7 +197,7 @@ class SequenceModel(TableModel):
             self.b.scatter_nd_update(at, np.zeros(len(rows), np.float32))
             for acc in self.acc:
                 acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
-            if any(r < int(self.T_out.shape[0]) for r in rows):     # rare (evictions)
+            if any(r < self.memory_size for r in rows):     # rare (evictions)
                 counts = self._counts()
                 counts.zero(rows)
                 self._assign_counts(counts)
@@ -211,15 +216,15 @@ class SequenceModel(TableModel):
         """[B, capacity]: every item's score for each context."""
         q = self._encode(rows, weights) / self.cfg.sequence_temperature
         scores = tf.matmul(q, self.E_out, transpose_b=True) + self.b
-        if int(self.T_out.shape[0]):
-            memory = tf.pad(self._memory(rows, weights), [[0, 0], [0, int(self.E_out.shape[0]) - int(self.T_out.shape[0])]])
+        if self.memory_size:
+            memory = tf.pad(self._memory(rows, weights), [[0, 0], [0, int(self.E_out.shape[0]) - self.memory_size]])
             scores += self.theta[0] * tf.math.log(MEMORY_EPS + memory)
         return scores
 
     def _memory(self, rows, weights):
         """[B, m]: the memory of each context over every counted item, ``sum_j a_j counts[h_j]``: a weighted sum of
         contiguous rows of the counts (:meth:`_memory_weights`)."""
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
         a, h = self._memory_weights(rows, weights)
         rows = tf.cast(tf.gather(tf.reshape(self.T_read, [m, m]), h), tf.float32)
         return tf.einsum("bl,blm->bm", a / READ_SCALE, rows)
@@ -227,7 +232,7 @@ class SequenceModel(TableModel):
     def _memory_weights(self, rows, weights):
         """Each context row's share of the memory feature: its weight over the context's total, divided by
         (how often the item was followed + 1) ** transition_alpha; rows beyond the memory count nothing."""
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
         inside = tf.cast(rows < m, tf.float32)
         h = tf.minimum(rows, m - 1)
         share = weights / tf.maximum(tf.reduce_sum(weights, 1, keepdims=True), 1e-9)
@@ -236,7 +241,7 @@ class SequenceModel(TableModel):
     def _pair_features(self, memory, group, item, neg):
         """[P, 1 + M]: the feature, ``log(MEMORY_EPS + memory)``, of each pair's item and then of the shared
         negatives ``neg`` [M], where pair p's context has the memory row ``memory[group[p]]`` (:meth:`_memory`)."""
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
         cand = tf.concat([item[:, None], tf.broadcast_to(neg[None, :], [tf.shape(item)[0], tf.shape(neg)[0]])], 1)
         at = tf.stack([tf.broadcast_to(group[:, None], tf.shape(cand)), tf.minimum(cand, m - 1)], -1)
         return tf.math.log(MEMORY_EPS + tf.gather_nd(memory, at) * tf.cast(cand < m, tf.float32))
@@ -245,7 +250,7 @@ class SequenceModel(TableModel):
         """One optimizer step: sampled softmax of each pair's item against the shared negatives ``neg`` [M],
         each logit plus the learned weight times the pair's memory ``feature`` [P, 1 + M] (:meth:`_pair_features`).
         Pairs of weight 0 (padding) change nothing. Returns the weighted mean loss."""
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
         emb = tf.gather(self.E_in, ctx_rows)                     # [P, L, d]
         out_p, out_n = tf.gather(self.E_out, item), tf.gather(self.E_out, neg)
         b_p, b_n = tf.gather(self.b, item), tf.gather(self.b, neg)
@@ -273,7 +278,7 @@ class SequenceModel(TableModel):
     def _train_and_count(self, grp_rows, grp_w, pair_grp, item, weight, neg):
         """One step outside the compiled program: the groups' contexts ``grp_rows``/``grp_w`` [G, L] and each
         pair's group ``pair_grp`` [P] (memory rows are made per group: [G, L, m] floats at a time)."""
-        feature = (self._pair_features(self._memory(grp_rows, grp_w), pair_grp, item, neg) if int(self.T_out.shape[0])
+        feature = (self._pair_features(self._memory(grp_rows, grp_w), pair_grp, item, neg) if self.memory_size
                    else tf.zeros([tf.shape(item)[0], 1 + self.cfg.sequence_negatives]))
         ctx_rows, ctx_w = tf.gather(grp_rows, pair_grp), tf.gather(grp_w, pair_grp)
         loss = self._train(ctx_rows, ctx_w, item, weight, neg, feature)
@@ -285,7 +290,7 @@ class SequenceModel(TableModel):
         """The memory learns by counting: each pair's item followed each of its context items (by context
         weight x pair weight). Kept apart from :meth:`_train`: XLA copies the whole count matrix when one
         loop body both gathers from it and scatters into it."""
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
         if not m:
             return
         h, i = tf.minimum(ctx_rows, m - 1), tf.minimum(item, m - 1)[:, None]
@@ -523,7 +528,7 @@ class SequenceModel(TableModel):
             return self._xla_calls[k]
         L, M, cap = self.cfg.history, self.cfg.sequence_negatives, self.capacity()
         take, start, bucket, once = xb.take, xb.start, xb.bucket, xb.once
-        m = int(self.T_out.shape[0])
+        m = self.memory_size
 
         def program(grp_rows, grp_w, grp_end, pair_grp, item, weight, pair_end, neg, rec_end, visible, n_steps, list_rows, list_w,
                     list_excl_end, excl_rec, excl_item, item_born):
@@ -628,7 +633,7 @@ class SequenceModel(TableModel):
             for var, name in zip(model._variables(), ("item_context_emb", "item_emb", "item_bias", "adagrad_0",
                                                       "adagrad_1", "adagrad_2")):
                 var[:n].assign(z[name])
-        m = int(model.T_out.shape[0])
+        m = model.memory_size
         if m:
             counts = TransitionCounts(m, m, cfg.transition_alpha, cfg.transition_symmetric)
             counts.load(z)      # cut to this model's size; converted if saved with another transition_symmetric

@@ -92,13 +92,17 @@ class FakeContext:
         return self.timers
 
     def get_current_key(self):
-        if self.runtime is not None:      # Flink sets the current key before each call
-            self.runtime.current = self.key
         return self.key
 
+    def enter(self):
+        """Make this context's key the current one, as Flink does before each call; returns the context."""
+        if self.runtime is not None:
+            self.runtime.current = self.key
+        return self
 
-def window_row(end, quads):
-    return ("win", 0, end, end + 5, json.dumps(quads))
+
+def window_row(end, quads, shard=0):
+    return ("win", shard, end, end + 5, json.dumps(quads))
 
 
 def test_levels_are_counters_set_from_the_task_thread_never_python_gauges(cfg):
@@ -178,11 +182,11 @@ def test_two_shards_on_one_subtask_stay_two_models_with_their_own_state(cfg):
     fn = RecommendOnline(job_cfg)
     fn.open(rc)
     ctx = {key: FakeContext(key, rc) for key in (0, 1)}
-    list(fn.process_element(window_row(60000, [["u", "a", 1.0, 1], ["u2", "a", 1.0, 1]]), ctx[0]))
-    list(fn.process_element(window_row(60000, [["v", "b", 1.0, 1]]), ctx[1]))
+    list(fn.process_element(window_row(60000, [["u", "a", 1.0, 1], ["u2", "a", 1.0, 1]], 0), ctx[0].enter()))
+    list(fn.process_element(window_row(60000, [["v", "b", 1.0, 1]], 1), ctx[1].enter()))
     for key in (0, 1):
         ctx[key].timers.watermark = 70000
-    out = {key: [json.loads(r[2]) for r in fn.on_timer(59999, ctx[key])] for key in (0, 1)}
+    out = {key: [json.loads(r[2]) for r in fn.on_timer(59999, ctx[key].enter())] for key in (0, 1)}
     assert sorted(r["user_id"] for r in out[0] if "user_id" in r) == ["u", "u2"]
     assert [r["user_id"] for r in out[1] if "user_id" in r] == ["v"]
     assert fn.shards[0].model is not fn.shards[1].model
@@ -192,8 +196,8 @@ def test_two_shards_on_one_subtask_stay_two_models_with_their_own_state(cfg):
     restored.open(rc)
     ctx = {key: FakeContext(key, rc) for key in (0, 1)}
     for key, item, user in ((0, "c", "w"), (1, "d", "x")):
-        list(restored.process_element(window_row(120000, [[user, item, 1.0, 1]]), ctx[key]))
+        list(restored.process_element(window_row(120000, [[user, item, 1.0, 1]], key), ctx[key].enter()))
         ctx[key].timers.watermark = 130000
-        list(restored.on_timer(119999, ctx[key]))
+        list(restored.on_timer(119999, ctx[key].enter()))
     assert {key: sorted(restored.shards[key].model.recommend(["new"], k=5)[0].items) for key in (0, 1)} == \
         {0: ["a", "c"], 1: ["b", "d"]}

@@ -200,11 +200,11 @@ class RecommendOnline(KeyedProcessFunction):
 
     # ---- processing ------------------------------------------------------------------------------
     def process_element(self, row, ctx):
-        kind, window_end, closed_at, body = row[0], row[2], row[3], row[4]
+        kind, key, window_end, closed_at, body = row[0], row[1], row[2], row[3], row[4]
         if kind == "dlq":
             yield Row("dlq", None, body, None)
             return
-        shard = self._shard(ctx.get_current_key())
+        shard = self._shard(key)     # the row's shard is its key: no call into the JVM per row for it
         self._add_window(shard, window_end, closed_at, body)
         self.log.add(log_entry(window_end, closed_at, body))
         self._arm(shard, ctx, window_end)
