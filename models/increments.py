@@ -45,10 +45,15 @@ class Increment:
     @classmethod
     def window_from_quads(cls, window_end: int, quads_json: str, max_items: int,
                           max_events: int | None = None) -> list["Increment"]:
-        """A whole window of a model shard, ``[[user, item, weight, count], ...]``, as one increment per user
-        (users in order of first appearance).
+        """A whole window of a model shard, ``[[user, item, weight, count], ...]``, as one increment per user,
+        users in id order.
 
-        >>> [(i.user_id, i.items) for i in Increment.window_from_quads(60, '[["u", "a", 1, 1], ["v", "b", 2, 1], ["u", "c", 3, 1]]', 10)]
+        The JVM aggregates a window's rows in the order they arrived, which depends on how the source's
+        partitions interleaved; the model's micro-batches are consecutive chunks of this list. In id order,
+        the same events give the same micro-batches, so a replay learns the same model every time (and the
+        same as ``freshet tune``, and after a restore).
+
+        >>> [(i.user_id, i.items) for i in Increment.window_from_quads(60, '[["v", "b", 2, 1], ["u", "a", 1, 1], ["u", "c", 3, 1]]', 10)]
         [('u', ('c', 'a')), ('v', ('b',))]
         """
         by_user: dict[str, tuple[list, list, list]] = {}
@@ -59,8 +64,7 @@ class Increment:
             cols[0].append(item)
             cols[1].append(weight)
             cols[2].append(count)
-        return [cls.from_arrays(user, window_end, items, weights, counts, max_items, max_events)
-                for user, (items, weights, counts) in by_user.items()]
+        return [cls.from_arrays(user, window_end, *by_user[user], max_items, max_events) for user in sorted(by_user)]
 
 
 @dataclass

@@ -35,7 +35,7 @@ def window_increments(df: pd.DataFrame, cfg: Config) -> list[tuple[int, list[Inc
     for end, block in per_item.groupby("window_end", sort=True):
         incs = [Increment.from_arrays(user, int(end), list(g["item_id"]), list(g["weight"]), list(g["count"]),
                                       cfg.window.max_items_per_increment)
-                for user, g in block.groupby("user_id", sort=False)]
+                for user, g in block.groupby("user_id", sort=True)]   # id order, as the job has them
         windows.append((int(end), incs))
     return windows
 

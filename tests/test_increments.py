@@ -34,3 +34,17 @@ def test_window_buffer_closes_windows_in_order_and_keeps_open_ones():
     closed = buf.close(watermark=1999)
     assert [(end, [i.user_id for i in incs]) for end, incs in closed] == [(1000, ["u2", "u3"]), (2000, ["u4"])]
     assert len(buf) == 1
+
+
+def test_a_window_gives_the_same_increments_whatever_order_its_rows_arrived_in():
+    """The JVM aggregates in arrival order, which depends on how partitions interleaved; micro-batches are
+    chunks of the increments, so their order must not depend on it (else a replay learns a different model)."""
+    import json
+    import random
+    quads = [[f"u{j % 37}", f"i{j % 11}", float(j % 5 + 1), 1] for j in range(400)]
+    quads = list({(q[0], q[1]): q for q in quads}.values())     # one row per (user, item), as the JVM sums them
+    first = Increment.window_from_quads(60_000, json.dumps(quads), max_items=50)
+    for seed in range(5):
+        random.Random(seed).shuffle(quads)
+        assert Increment.window_from_quads(60_000, json.dumps(quads), max_items=50) == first
+    assert [inc.user_id for inc in first] == sorted(inc.user_id for inc in first)
