@@ -11,8 +11,9 @@ Memory stays bounded by ``capacity`` whatever the number of distinct ids in the 
   model call has not touched are evicted (``capacity // 64`` at a time, so eviction is amortised); if
   every row is in use by the current call, the newcomer shares the fallback row.
 
-A freed row is handed out again; :meth:`drain_reused` tells the model which rows to re-initialise and
-:meth:`drain_evicted` which ids left, so it can forget what it kept about them.
+A freed row is handed out again; :meth:`drain_assigned` tells the model which rows got an id (new or
+reused) so it can give them the id's initial values, and :meth:`drain_evicted` which ids left, so it can
+forget what it kept about them.
 
 >>> t = IdTable(capacity=2, admit_after=2)
 >>> t.lookup("a", ts=10, step=0), t.lookup("a", ts=11, step=0)   # admitted on its 2nd occurrence
@@ -21,8 +22,8 @@ A freed row is handed out again; :meth:`drain_reused` tells the model which rows
 (2, 0)
 >>> t.lookup("c", ts=14, step=5, count=1, protect_from=5)        # table full: "a" (stalest) is evicted
 1
->>> t.drain_evicted(), t.drain_reused(), t.get("a"), len(t)
-([('a', 1)], [1], None, 2)
+>>> t.drain_evicted(), t.drain_assigned(), t.get("a"), len(t)
+([('a', 1)], [1, 2, 1], None, 2)
 >>> t.expire(now=20, horizon=7), t.get("b")                      # "b" last seen at 12 < 20 - 7
 (['b'], None)
 """
@@ -76,7 +77,7 @@ class IdTable:
         self.free: list[int] = []
         self.pending: dict[str, list[int]] = {}      # not yet admitted id -> [occurrences, last seen]
         self._evicted: list[tuple[str, int]] = []
-        self._reused: list[int] = []
+        self._assigned: list[int] = []              # rows handed to an id since the last drain_assigned
         self._live: np.ndarray | None = None
         self.evictions = 0
 
@@ -116,6 +117,7 @@ class IdTable:
             self.pending.pop(key, None)
             self.ids[row], self.rows[key] = key, row
             self.born[row] = step
+            self._assigned.append(row)
             self._live = None
         if ts > self.last_seen[row]:
             self.last_seen[row] = ts
@@ -142,9 +144,10 @@ class IdTable:
         out, self._evicted = self._evicted, []
         return out
 
-    def drain_reused(self) -> list[int]:
-        """Rows handed to a new id after an eviction since the last call: their parameters are stale."""
-        out, self._reused = self._reused, []
+    def drain_assigned(self) -> list[int]:
+        """Rows handed to an id since the last call (new rows, and rows freed by an eviction), in order; a row
+        can appear twice when it was freed and handed out again in between."""
+        out, self._assigned = self._assigned, []
         return out
 
     def _allocate(self, protect_from: int) -> int:
@@ -155,9 +158,7 @@ class IdTable:
                 order = np.argpartition(self.last_seen[candidates], n - 1)[:n] if n < len(candidates) else slice(None)
                 self._evict(sorted(int(r) for r in candidates[order]))
         if self.free:
-            row = self.free.pop()
-            self._reused.append(row)
-            return row
+            return self.free.pop()
         if len(self.rows) >= self.capacity:
             return self.FALLBACK  # every row is in use by the current call
         row = len(self.ids)

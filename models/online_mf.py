@@ -37,11 +37,15 @@ import tensorflow as tf  # noqa: E402
 from freshet.conf.settings import ModelConfig  # noqa: E402
 from freshet.models.base import Recommendation, StepStats, WindowList, pack_seen, unpack_seen  # noqa: E402
 from freshet.models.id_table import IdTable  # noqa: E402
+from freshet.models.shared import Var  # noqa: E402
 from freshet.models.table_model import TableModel  # noqa: E402
 from freshet.models.increments import Increment  # noqa: E402
 from freshet.models import xla_blocks as xb  # noqa: E402
 from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_LISTS, XLA_LISTS_PAD,  # noqa: E402
                                        XLA_PAIRS, XLA_PAIRS_PAD, XLA_STEPS)
+
+
+INIT_STD = 0.1     # user and item vectors start at N(0, INIT_STD), drawn from the seed and the id
 
 
 class _Steps(NamedTuple):
@@ -83,12 +87,11 @@ class OnlineMF(TableModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         # One random stream per purpose, so results do not depend on how work is grouped into calls.
-        self._rngs = {name: np.random.default_rng([cfg.seed, j])
-                      for j, name in enumerate(("_U", "_V", "neg", "reinit_U", "reinit_V"))}
+        self._rngs = {"neg": np.random.default_rng([cfg.seed, 2])}
         cap = cfg.initial_capacity
-        with tf.device(self.device):
-            self._U = tf.Variable(self._init_rows("_U", cap), name="user_emb")
-            self._V = tf.Variable(self._init_rows("_V", cap), name="item_emb")
+        with tf.device(self.device):     # rows get their initial values when an id gets them (_init_assigned)
+            self._U = tf.Variable(tf.zeros([cap, cfg.dim]), name="user_emb")
+            self._V = tf.Variable(tf.zeros([cap, cfg.dim]), name="item_emb")
             self._b = tf.Variable(tf.zeros([cap]), name="item_bias")
         # Serving parameters (model.sync_every_ms > 0): copied from the trained ones at each sync point;
         # rows born after the last sync (step > _sync_step) are not served yet.
@@ -101,8 +104,10 @@ class OnlineMF(TableModel):
         self._compile()
 
     # ---- tables ---------------------------------------------------------------------------------
-    def _init_rows(self, table: str, n: int) -> np.ndarray:
-        return self._rngs[table].normal(0.0, 0.1, size=(n, self.cfg.dim)).astype(np.float32)
+    def variables(self) -> list[Var]:
+        """User rows are the user's own; item rows and biases are shared."""
+        return [Var("user_emb", self._U, "users", 0.0, INIT_STD), Var("item_emb", self._V, "items", 0.0, INIT_STD),
+                Var("item_bias", self._b, "items")]
 
     def capacity(self) -> tuple[int, int]:
         return int(self._U.shape[0]), int(self._V.shape[0])
@@ -119,7 +124,7 @@ class OnlineMF(TableModel):
             while new_cap < n:
                 new_cap *= 2
             with tf.device(self.device):
-                setattr(self, attr, tf.Variable(tf.concat([var, self._init_rows(attr, new_cap - cap)], 0), name=var.name[:-2]))
+                setattr(self, attr, tf.Variable(tf.pad(var, [[0, new_cap - cap], [0, 0]]), name=var.name[:-2]))
                 if attr == "_V":
                     self._b = tf.Variable(tf.concat([self._b, tf.zeros([new_cap - cap])], 0), name="item_bias")
             grown = True
@@ -129,16 +134,6 @@ class OnlineMF(TableModel):
                                  for s, t in zip(self._serving, (self._U, self._V, self._b))]
         if grown:
             self._compile()
-
-    def _reinit_reused(self) -> None:
-        """Rows handed to a new id after an eviction start afresh (random vector, zero bias)."""
-        for table, attr in ((self.users, "_U"), (self.items, "_V")):
-            rows = table.drain_reused()
-            if rows:
-                fresh = self._rngs[f"reinit{attr}"].normal(0.0, 0.1, size=(len(rows), self.cfg.dim)).astype(np.float32)
-                getattr(self, attr).scatter_nd_update(np.asarray(rows, np.int32)[:, None], fresh)
-                if attr == "_V":
-                    self._b.scatter_nd_update(np.asarray(rows, np.int32)[:, None], np.zeros(len(rows), np.float32))
 
     # ---- learning -------------------------------------------------------------------------------
     def _compile(self) -> None:
@@ -236,7 +231,7 @@ class OnlineMF(TableModel):
         us, its, ws = self.positives(batch, self.steps)
         self.steps += 1
         self._grow()
-        self._reinit_reused()
+        self._init_assigned()
         if len(us) == 0:
             return StepStats(0.0, 0, time.perf_counter() - started)
         negs = self._sample_negatives(len(us))
@@ -300,7 +295,7 @@ class OnlineMF(TableModel):
             excl_end.append(n_excl)
             visible.append(served_step - step0)  # items born at or before this step are listed
         self._grow()
-        self._reinit_reused()
+        self._init_assigned()
         born = self._item_born(int(self._V.shape[0]), step0)
         k_eff = min(k, int(self._V.shape[0]))
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
@@ -497,5 +492,6 @@ class OnlineMF(TableModel):
         (model.version, model.steps, model._next_expiry, model._last_sync, model._sync_step,
          model._synced_version) = (int(x) for x in z["counters"])
         for name, state in json.loads(bytes(z["rng_state"]).decode()).items():
-            model._rngs[name].bit_generator.state = state
+            if name in model._rngs:     # states saved before rows were drawn from their ids had more streams
+                model._rngs[name].bit_generator.state = state
         return model

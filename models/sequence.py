@@ -53,6 +53,7 @@ from freshet.models.base import Recommendation, StepStats, WindowList, pack_seen
 from freshet.models.history import UserHistory
 from freshet.models.id_table import IdTable
 from freshet.models.increments import Increment
+from freshet.models.shared import Var
 from freshet.models import xla_blocks as xb
 from freshet.models.table_model import TableModel
 from freshet.models.transition import TransitionCounts
@@ -60,6 +61,7 @@ from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_
                                        XLA_PAIRS_PAD, XLA_STEPS)
 
 ADAGRAD_INIT = 0.1
+INIT_STD = 0.05              # an item's embeddings start at N(0, INIT_STD), drawn from the seed and its id
 MEMORY_THETA_INIT = 1.0      # initial weight of the memory feature (learned)
 MEMORY_EPS = 0.01            # feature = log(MEMORY_EPS + normalised transition count)
 # The counts are read from a float16 copy (half the bytes of the largest read, a context's count rows), scaled so
@@ -105,12 +107,11 @@ class SequenceModel(TableModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)      # users' table bounds how many histories are kept
         self.history = UserHistory(cfg.history, cfg.history_decay)
-        self._rngs = {name: np.random.default_rng([cfg.seed, j])
-                      for j, name in enumerate(("E_in", "E_out", "neg", "reinit"))}
+        self._rngs = {"neg": np.random.default_rng([cfg.seed, 2])}
         cap = cfg.initial_capacity
-        with tf.device(self.device):
-            self.E_in = tf.Variable(self._init_rows("E_in", cap), name="item_context_emb")
-            self.E_out = tf.Variable(self._init_rows("E_out", cap), name="item_emb")
+        with tf.device(self.device):     # rows get their initial values when an id gets them (_init_assigned)
+            self.E_in = tf.Variable(tf.zeros([cap, cfg.dim]), name="item_context_emb")
+            self.E_out = tf.Variable(tf.zeros([cap, cfg.dim]), name="item_emb")
             self.b = tf.Variable(tf.zeros([cap]), name="item_bias")
             self.acc = [tf.Variable(tf.fill(v.shape, ADAGRAD_INIT), name=f"adagrad_{j}")
                         for j, v in enumerate((self.E_in, self.E_out, self.b))]
@@ -127,8 +128,16 @@ class SequenceModel(TableModel):
         self._compile()
 
     # ---- tables ---------------------------------------------------------------------------------
-    def _init_rows(self, name: str, n: int) -> np.ndarray:
-        return self._rngs[name].normal(0.0, 0.05, size=(n, self.cfg.dim)).astype(np.float32)
+    def variables(self) -> list[Var]:
+        """All shared (item side): a user is their history, which is data, not a variable."""
+        names = ("adagrad_0", "adagrad_1", "adagrad_2")
+        return [Var("item_context_emb", self.E_in, "items", 0.0, INIT_STD), Var("item_emb", self.E_out, "items", 0.0, INIT_STD),
+                Var("item_bias", self.b, "items"), *(Var(n, a, "items", ADAGRAD_INIT) for n, a in zip(names, self.acc)),
+                Var("transitions", self.T, "item_pairs"), Var("transitions_out", self.T_out, "items"),
+                Var("memory_weight", self.theta, "dense"), Var("adagrad_memory_weight", self.acc_theta, "dense")]
+
+    def _shared_applied(self) -> None:
+        self.T_read.assign(self._read_copy(self.T))
 
     def capacity(self) -> int:
         return int(self.E_in.shape[0])
@@ -150,8 +159,8 @@ class SequenceModel(TableModel):
             new *= 2
         extra = new - cap
         with tf.device(self.device):
-            self.E_in = tf.Variable(tf.concat([self.E_in, self._init_rows("E_in", extra)], 0), name="item_context_emb")
-            self.E_out = tf.Variable(tf.concat([self.E_out, self._init_rows("E_out", extra)], 0), name="item_emb")
+            self.E_in = tf.Variable(tf.pad(self.E_in, [[0, extra], [0, 0]]), name="item_context_emb")
+            self.E_out = tf.Variable(tf.pad(self.E_out, [[0, extra], [0, 0]]), name="item_emb")
             self.b = tf.Variable(tf.concat([self.b, tf.zeros([extra])], 0), name="item_bias")
             self.acc = [tf.Variable(tf.concat([a, tf.fill([extra] + a.shape[1:], ADAGRAD_INIT)], 0), name=a.name[:-2])
                         for a in self.acc]
@@ -184,23 +193,16 @@ class SequenceModel(TableModel):
         self.history.forget(user)
 
     def _forget_items(self, rows: set[int]) -> None:
+        """Freed rows: out of every history, and their counts (both ways) zeroed before a new id gets them."""
         self.history.drop_rows(rows)
-
-    def _reinit_reused(self) -> None:
-        rows = self.items.drain_reused()
-        if rows:
-            at = np.asarray(rows, np.int32)[:, None]
-            rng = self._rngs["reinit"]
-            fresh = rng.normal(0.0, 0.05, size=(2, len(rows), self.cfg.dim)).astype(np.float32)
-            self.E_in.scatter_nd_update(at, fresh[0])
-            self.E_out.scatter_nd_update(at, fresh[1])
-            self.b.scatter_nd_update(at, np.zeros(len(rows), np.float32))
-            for acc in self.acc:
-                acc.scatter_nd_update(at, tf.fill([len(rows)] + acc.shape[1:], ADAGRAD_INIT))
-            if any(r < self.memory_size for r in rows):     # rare (evictions)
-                counts = self._counts()
-                counts.zero(rows)
-                self._assign_counts(counts)
+        if any(r < self.memory_size for r in rows):     # rare (evictions)
+            counts = self._counts()
+            counts.zero(sorted(rows))
+            self._assign_counts(counts)
+            if self._sync is not None:    # forgotten here, not a change for the other replicas
+                for v in self.variables():
+                    if v.name in ("transitions", "transitions_out"):
+                        self._sync.forget(v, sorted(rows))
 
     # ---- the model's math (once; the reference and the fused loop both call it) -------------------
     def _encode(self, rows, weights):
@@ -375,7 +377,7 @@ class SequenceModel(TableModel):
         groups = self._pairs(batch, self.steps)
         self.steps += 1
         self._grow()
-        self._reinit_reused()
+        self._init_assigned()
         if batch:
             self.version += 1     # histories changed, so lists do, with or without a gradient step
         if not groups:
@@ -435,7 +437,7 @@ class SequenceModel(TableModel):
                 groups = self._pairs(chunk, step, protect_from=step0)
                 self.steps += 1
                 self._grow()    # the counts must have room for this step's items before they are counted
-                self._reinit_reused()
+                self._init_assigned()
                 neg = self._negatives() if groups else no_negatives
                 grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
                 for name, a in zip(("grp_r", "grp_w", "pair_grp", "item", "weight"),
@@ -464,7 +466,7 @@ class SequenceModel(TableModel):
             excl_end.append(n_excl)
             visible.append(step - step0)
         self._grow()
-        self._reinit_reused()
+        self._init_assigned()
         born = self._item_born(self.capacity(), step0)
         cat = lambda name, dtype, shape: (np.concatenate(parts[name]).astype(dtype) if parts[name]  # noqa: E731
                                           else np.zeros(shape, dtype))
@@ -644,5 +646,6 @@ class SequenceModel(TableModel):
         model.history = UserHistory.from_state(z, cfg.history, cfg.history_decay)
         model.version, model.steps, model._next_expiry = (int(x) for x in z["counters"])
         for name, state in json.loads(bytes(z["rng_state"]).decode()).items():
-            model._rngs[name].bit_generator.state = state
+            if name in model._rngs:     # states saved before item rows were drawn from their ids had more streams
+                model._rngs[name].bit_generator.state = state
         return model

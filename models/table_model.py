@@ -14,6 +14,7 @@ import tensorflow as tf  # noqa: E402
 from freshet.conf.settings import ModelConfig  # noqa: E402
 from freshet.models.base import Recommendation, Recommender, WindowList  # noqa: E402
 from freshet.models.id_table import IdTable  # noqa: E402
+from freshet.models.shared import SharedDelta, SyncBase, Var, id_rows  # noqa: E402
 
 
 def pick_device(preference: str) -> str:
@@ -105,6 +106,7 @@ class TableModel(Recommender):
         self.version = 0
         self.steps = 0                        # micro-batches gone through (learned or observed)
         self._next_expiry = -1
+        self._sync: SyncBase | None = None    # set by start_sync: a replica of a parallel model
 
     @property
     def n_users(self) -> int:
@@ -123,6 +125,80 @@ class TableModel(Recommender):
             self.items.expire(now, horizon)
             self._next_expiry = now + max(horizon // 8, 1)
             self._forget_evicted()
+
+    # ---- variables: whose they are, their initial rows, and the sync of the shared ones ---------------
+    def variables(self) -> list[Var]:
+        """Every variable of the model, with whose it is (:mod:`freshet.models.shared`). A model kind lists its
+        own; the id tables, seen sets and histories are data the model keeps per user, not variables."""
+        return []
+
+    def _init_assigned(self) -> None:
+        """Rows handed to ids since the last call start at the ids' initial values: drawn from the seed and
+        the id alone, so every replica of a parallel model starts an item alike (and an item's start does
+        not depend on when it arrived). Tables must have grown to the rows first."""
+        for table, kind in ((self.items, "items"), (self.users, "users")):
+            rows = list(dict.fromkeys(table.drain_assigned()))
+            if not rows:
+                continue
+            for v in self.variables():
+                if v.kind != kind:
+                    continue
+                inside = [r for r in rows if r < int(v.var.shape[0])]
+                values = id_rows(self.cfg.seed, v.name, [table.ids[r] or "" for r in inside], v.var.shape[1:],
+                                 v.fill, v.std)
+                v.var.scatter_nd_update(np.asarray(inside, np.int32)[:, None], values)
+                if self._sync is not None and v.shared:
+                    self._sync.fit(v, v.var.shape)[inside] = values
+
+    def start_sync(self) -> None:
+        """From now on, keep what is needed to export this replica's own changes of the shared variables."""
+        self._sync = SyncBase([(v, v.var.numpy()) for v in self.variables() if v.shared])
+
+    def export_shared(self) -> SharedDelta:
+        """This replica's own changes of the shared variables since the last export (after :meth:`start_sync`)."""
+        if self._sync is None:
+            raise RuntimeError("export_shared before start_sync")
+        return self._sync.export([(v, v.var.numpy()) for v in self.variables() if v.shared], self.items.ids)
+
+    def apply_shared(self, delta: SharedDelta) -> None:
+        """Add another replica's changes (:meth:`export_shared`). Items new here are admitted (with their
+        initial rows, as the other replica started them); an item that cannot get a row (the table is full
+        of rows the current call holds) misses this delta."""
+        now = int(self.items.last_seen.max()) if len(self.items.last_seen) else 0
+        rows = np.asarray([self.items.get(i) or self.items.lookup(i, now, self.steps, self.items.admit_after)
+                           for i in delta.ids] or [0], np.int64)[: len(delta.ids)]
+        self._forget_evicted()
+        self._grow()
+        self._init_assigned()
+        for v in self.variables():
+            if not v.shared:
+                continue
+            if v.kind == "dense" and v.name in delta.dense:
+                values = np.asarray(delta.dense[v.name], np.float32)
+                v.var.assign_add(values)
+                at = None
+            elif v.kind == "items" and v.name in delta.rows:
+                positions, values = delta.rows[v.name]
+                at = rows[positions]
+                keep = (at > 0) & (at < int(v.var.shape[0]))
+                at, values = at[keep], np.asarray(values, np.float32)[keep]
+                v.var.scatter_nd_add(at[:, None].astype(np.int32), values)
+            elif v.kind == "item_pairs" and v.name in delta.pairs:
+                first, second, values = delta.pairs[v.name]
+                m = int(round(int(v.var.shape[0]) ** 0.5))
+                a, b = rows[first], rows[second]
+                keep = (a > 0) & (b > 0) & (a < m) & (b < m)
+                at, values = a[keep] * m + b[keep], np.asarray(values, np.float32)[keep]
+                v.var.scatter_nd_add(at[:, None], values)
+            else:
+                continue
+            if self._sync is not None:
+                self._sync.received(v, at, values)
+        self._shared_applied()
+        self.version += 1
+
+    def _shared_applied(self) -> None:
+        """Another replica's changes were added (a model kind refreshes what it derives from its variables)."""
 
     def _forget_evicted(self) -> None:
         """Drop what was kept about ids that lost their rows (seen sets; evicted items from every set)."""

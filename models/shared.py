@@ -1,0 +1,215 @@
+"""One model across parallel replicas: which variables a model kind shares, and their deltas by item id.
+
+At parallelism p the job runs p replicas of the model, each serving the users of its shard. Users' own
+state (user rows, histories, seen sets) stays with the replica that serves them. What every user's
+lists read, the item side, is *shared*: each replica trains its copy on its own users' events and
+every so often exports what changed, which the other replicas add to theirs (docs/ARCHITECTURE.md).
+
+A model kind declares its variables as :class:`Var` (:meth:`TableModel.variables`): rows of the item
+table (embeddings, biases, optimizer accumulators), rows of the user table (per-user, never shared),
+dense tensors, and counts over pairs of items (``[m * m]`` over the first ``m`` item rows). The sync
+is generic over these kinds, so a new model kind gets parallel training by declaring its variables.
+
+Why deltas add up: every replica gives an item's rows the same initial values (:func:`id_rows`, drawn
+from the seed and the id alone), so a shared row is its initial value plus the updates of every
+replica. :class:`SyncBase` keeps each shared variable as of the last export plus what was received
+since; the difference is this replica's own updates, exported by item *id* (replicas number their
+rows differently) and added by the others. Sums of SGD or Adagrad updates made from slightly stale
+parameters are what asynchronous data-parallel training does (Hogwild, parameter servers); counts add
+exactly.
+"""
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+ROWS_OF = ("items", "users")
+KINDS = ("items", "users", "dense", "item_pairs")
+
+
+class Var(NamedTuple):
+    """One variable of a model: ``kind`` says whose it is (item rows, user rows, dense, item-pair counts).
+
+    Rows of a table that no id holds have the value ``fill``; a row handed to an id starts at ``fill``,
+    or with ``std > 0`` at N(0, std) drawn from (seed, ``name``, id), the same on every replica.
+    """
+    name: str
+    var: object            # a tf.Variable (models/ never needs more than .numpy() and the scatters)
+    kind: str
+    fill: float = 0.0
+    std: float = 0.0
+
+    @property
+    def shared(self) -> bool:
+        return self.kind != "users"
+
+
+def id_rows(seed: int, name: str, ids: Sequence[str], tail: Sequence[int], fill: float, std: float) -> np.ndarray:
+    """The initial rows of ``ids`` for variable ``name``: ``fill``, or N(0, std) from (seed, name, id) alone.
+
+    >>> a = id_rows(7, "E", ["x", "y"], [3], 0.0, 0.1); b = id_rows(7, "E", ["y"], [3], 0.0, 0.1)
+    >>> bool((a[1] == b[0]).all()), a.shape, id_rows(7, "acc", ["x"], [], 0.5, 0.0).tolist()
+    (True, (2, 3), [0.5])
+    """
+    tail = tuple(int(t) for t in tail)
+    if std <= 0:
+        return np.full((len(ids),) + tail, fill, np.float32)
+    tag = zlib.crc32(name.encode())
+    return np.stack([np.random.default_rng([seed, tag, zlib.crc32(str(i).encode())]).normal(0.0, std, tail)
+                     for i in ids]).astype(np.float32) if len(ids) else np.zeros((0,) + tail, np.float32)
+
+
+@dataclass
+class SharedDelta:
+    """What one replica's own updates changed in the shared variables since its last export, by item id.
+
+    ``rows[name]``: (positions in ``ids``, the rows' changes); ``dense[name]``: the change; ``pairs[name]``:
+    (positions of the first and second item in ``ids``, the changes of their counts).
+    """
+    ids: list[str] = field(default_factory=list)
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    pairs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return (not any(len(at) for at, _ in self.rows.values()) and not any(len(v) for *_, v in self.pairs.values())
+                and not any(np.any(v) for v in self.dense.values()))
+
+    def to_bytes(self) -> bytes:
+        """Named arrays in an ``.npz`` (no pickles), as the sync topic carries them."""
+        arrays = {"ids": np.asarray(self.ids, dtype=object).astype(str) if self.ids else np.zeros(0, "U1")}
+        for name, (at, values) in self.rows.items():
+            arrays[f"rows.{name}.at"], arrays[f"rows.{name}.values"] = at, values
+        for name, values in self.dense.items():
+            arrays[f"dense.{name}"] = values
+        for name, (first, second, values) in self.pairs.items():
+            arrays[f"pairs.{name}.first"], arrays[f"pairs.{name}.second"] = first, second
+            arrays[f"pairs.{name}.values"] = values
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)     # float changes hardly compress; the topic may compress (lz4)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SharedDelta":
+        """The delta :meth:`to_bytes` wrote.
+
+        >>> d = SharedDelta(["a", "b"], {"E": (np.array([1]), np.ones((1, 2), np.float32))}, {"theta": np.ones(1)},
+        ...                 {"T": (np.array([0]), np.array([1]), np.array([2.0], np.float32))})
+        >>> e = SharedDelta.from_bytes(d.to_bytes()); e.ids, e.rows["E"][1].tolist(), e.pairs["T"][2].tolist(), e.empty
+        (['a', 'b'], [[1.0, 1.0]], [2.0], False)
+        """
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            out = cls([str(i) for i in z["ids"]])
+            for key in z.files:
+                part, _, rest = key.partition(".")
+                name, _, leaf = rest.rpartition(".") if part != "dense" else (rest, "", "")
+                if part == "rows" and leaf == "at":
+                    out.rows[name] = (z[key], z[f"rows.{name}.values"])
+                elif part == "dense":
+                    out.dense[name] = z[key]
+                elif part == "pairs" and leaf == "first":
+                    out.pairs[name] = (z[key], z[f"pairs.{name}.second"], z[f"pairs.{name}.values"])
+        return out
+
+
+class SyncBase:
+    """The shared variables as of the last export, plus every delta applied since (numpy copies).
+
+    :meth:`export` returns the difference to the current values (this replica's own updates) and moves
+    the base to them; :meth:`received` adds another replica's delta to the base as it is added to the
+    variables, so it is never sent back. Rows that no id holds are at their ``fill`` in both.
+    """
+
+    def __init__(self, variables: Sequence[tuple[Var, np.ndarray]]):
+        self.base = {v.name: np.array(values, np.float32) for v, values in variables}
+
+    def fit(self, v: Var, shape: Sequence[int]) -> np.ndarray:
+        """The base of ``v``, grown as the variable grew to ``shape`` (pair counts as an ``[m, m]`` matrix)."""
+        base = self.base[v.name]
+        if base.shape[0] < shape[0]:
+            if v.kind == "item_pairs":
+                m0, m = _side(base.shape[0]), _side(shape[0])
+                grown = np.zeros((m, m), np.float32)
+                grown[:m0, :m0] = base.reshape(m0, m0)
+                base = grown.reshape(-1)
+            else:
+                pad = np.full((shape[0] - base.shape[0],) + tuple(shape[1:]), v.fill, np.float32)
+                base = np.concatenate([base, pad])
+            self.base[v.name] = base
+        return base
+
+    def export(self, variables: Sequence[tuple[Var, np.ndarray]], row_ids: Sequence[str | None]) -> SharedDelta:
+        """This replica's updates since the last export, by item id (rows that no id holds are left out).
+
+        Pair counts are compared only between rows that changed in an item-row variable (counts are made
+        from training pairs, whose rows the step updates), so an export reads ``|changed rows|^2`` cells of
+        the counts, not all ``m^2``.
+        """
+        n = len(row_ids)
+        held = np.asarray([r is not None for r in row_ids], bool)
+        delta, changed, pair_vars = SharedDelta(), {}, []
+        for v, values in variables:
+            values = np.asarray(values, np.float32)
+            if v.kind == "item_pairs":
+                pair_vars.append((v, values))
+                continue
+            base = self.fit(v, values.shape)
+            if v.kind == "dense":
+                delta.dense[v.name] = values - base
+                self.base[v.name] = values.copy()
+                continue
+            rows = np.flatnonzero(np.any((values[:n] != base[:n]).reshape(min(n, len(values)), -1), axis=1))
+            changed[v.name] = (rows, values[rows] - base[rows])
+            base[rows] = values[rows]
+        rows = np.unique(np.concatenate([r for r, _ in changed.values()] + [np.zeros(0, np.int64)])).astype(np.int64)
+        rows = rows[held[rows]]                             # rows that no id holds are never sent
+        position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
+        position[rows] = np.arange(len(rows))
+        delta.ids = [str(row_ids[r]) for r in rows.tolist()]
+        for name, (at, change) in changed.items():
+            keep = position[at] >= 0
+            delta.rows[name] = (position[at[keep]].astype(np.int32), change[keep])
+        for v, values in pair_vars:
+            base = self.fit(v, values.shape)
+            m = _side(len(values))
+            inside = rows[rows < m]
+            grid = np.ix_(inside, inside)
+            now, then = values.reshape(m, m)[grid], base.reshape(m, m)
+            first, second = np.nonzero(now != then[grid])
+            delta.pairs[v.name] = (position[inside[first]].astype(np.int32), position[inside[second]].astype(np.int32),
+                                   (now - then[grid])[first, second])
+            then[grid] = now
+        return delta
+
+    def received(self, v: Var, at: np.ndarray | None, values: np.ndarray) -> None:
+        """Another replica's change ``values`` was added to ``v`` at ``at`` (rows; flat cells for pair counts;
+        ``None`` for a dense variable)."""
+        base = self.fit(v, v.var.shape)
+        if at is None:
+            base += values
+        else:
+            np.add.at(base, at, values)
+
+
+    def forget(self, v: Var, rows: Sequence[int]) -> None:
+        """Rows of ``v`` were reset to ``fill`` here because their id left this replica: not a change to send
+        (pair counts: the rows' counts both ways, reset to 0)."""
+        base = self.fit(v, v.var.shape)
+        if v.kind == "item_pairs":
+            m = _side(len(base))
+            rows = [r for r in rows if r < m]
+            square = base.reshape(m, m)
+            square[rows, :] = 0.0
+            square[:, rows] = 0.0
+        else:
+            base[[r for r in rows if r < len(base)]] = v.fill
+
+
+def _side(n: int) -> int:
+    """The side of a flat square matrix of ``n`` cells."""
+    return int(round(n ** 0.5))
