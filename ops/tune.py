@@ -5,12 +5,18 @@ window: summed weight and count per item), and windows are learned and listed in
 HR@10 here equals the job's (checked: 0.0693 offline vs 0.0690 through Kafka -> Flink -> Kafka on
 ML-100K). Use it to choose settings quickly; report quality from ``freshet compare``, which runs the
 real pipeline.
+
+Two grid axes are not model settings but simulate a parallel model (``models/shared.py``): ``replicas``
+models each learn from their share of the users (by a hash of the id) and, with ``sync_every_events``
+> 0, export their shared changes after every that many events and apply each other's one interval
+later, as the job's sync loop delivers them (a checkpoint after they were written).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import time
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -40,19 +46,41 @@ def window_increments(df: pd.DataFrame, cfg: Config) -> list[tuple[int, list[Inc
     return windows
 
 
-def score(cfg: Config, df: pd.DataFrame, windows, chunk: int = 100) -> dict:
+def score(cfg: Config, df: pd.DataFrame, windows, chunk: int = 100, replicas: int = 1, sync_every: int = 0) -> dict:
+    """HR@10 (and more) of the model on the windows, learned ``chunk`` windows per call; ``replicas`` > 1:
+    that many replicas of the model, synced every ``sync_every`` events (0: never), see the module doc."""
+    from freshet.models.shared import SharedDelta
     from freshet.udfs.recommend_online import build_model
-    model = build_model(cfg)
+    models = [build_model(cfg) for _ in range(replicas)]
+    syncing = replicas > 1 and sync_every > 0
+    for model in models if syncing else ():
+        model.start_sync()
     started = time.perf_counter()
-    recs = []
+    recs, since, in_flight, sync_bytes = [], 0, [], 0
     for j in range(0, len(windows), chunk):
-        recs += [{"user_id": w.user_id, "items": w.rec.items, "window_end": w.window_end}
-                 for w in model.learn_windows(windows[j:j + chunk], cfg.model.batch_size, cfg.model.k,
-                                              cfg.model.exclude_seen)]
+        part = windows[j:j + chunk]
+        for r, model in enumerate(models):
+            mine = [(end, [i for i in incs if replicas == 1 or zlib.crc32(i.user_id.encode()) % replicas == r])
+                    for end, incs in part]
+            recs += [{"user_id": w.user_id, "items": w.rec.items, "window_end": w.window_end}
+                     for w in model.learn_windows(mine, cfg.model.batch_size, cfg.model.k, cfg.model.exclude_seen)]
+        since += sum(inc.events for _, incs in part for inc in incs)
+        if syncing and since >= sync_every:
+            since = 0
+            arrived, in_flight = in_flight, [m.export_shared().to_bytes() for m in models]
+            sync_bytes += sum(map(len, arrived))
+            for r, model in enumerate(models):
+                for q, blob in enumerate(arrived):
+                    if q != r:
+                        model.apply_shared(SharedDelta.from_bytes(blob))
     seconds = time.perf_counter() - started
     result = evaluate(zip(df["user_id"], df["item_id"], df["ts"]), recs, ks=(10,)).overall
     return {"HR@10": round(result["HR@10"], 4), "NDCG@10": round(result["NDCG@10"], 4),
-            "coverage": round(result["coverage"], 4), "model_seconds": round(seconds, 1)}
+            "coverage": round(result["coverage"], 4), "model_seconds": round(seconds, 1),
+            **({"sync_bytes": sync_bytes} if syncing else {})}
+
+
+NOT_MODEL = ("window_ms", "replicas", "sync_every_events")     # grid axes that are not model settings
 
 
 def parse_grid(spec: list[str]) -> list[dict]:
@@ -83,10 +111,12 @@ def tune(cfg: Config, df: pd.DataFrame, grid: list[dict], out: Path | None, log=
     windows_for: dict[int, list] = {}
     for point in grid:
         window = {"size_ms": point["window_ms"]} if "window_ms" in point else {}
-        model = {k: v for k, v in point.items() if k != "window_ms"}
+        model = {k: v for k, v in point.items() if k not in NOT_MODEL}
         pcfg = cfg.replace(model=model, window=window)
-        windows = windows_for.setdefault(pcfg.window.size_ms, window_increments(df, pcfg))
-        row = {**point, **score(pcfg, df, windows)}
+        if pcfg.window.size_ms not in windows_for:
+            windows_for[pcfg.window.size_ms] = window_increments(df, pcfg)
+        row = {**point, **score(pcfg, df, windows_for[pcfg.window.size_ms], replicas=int(point.get("replicas", 1)),
+                                sync_every=int(point.get("sync_every_events", 0)))}
         log(json.dumps(row))
         rows.append(row)
     if out:

@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
     p.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
                    help="model keys (and window_ms), e.g. learning_rate=0.2,0.8 negatives=8,32, or for another kind "
-                        "kind=sequence sequence_learning_rate=0.05,0.1 (text values are kept as text)")
+                        "kind=sequence sequence_learning_rate=0.05,0.1 (text values are kept as text); "
+                        "replicas=2 sync_every_events=0,1000 simulates a parallel model and its sync")
     p.add_argument("--out", type=Path, help="write all rows as JSON")
 
     p = add("demo", cmd_demo, "Start Kafka, replay MovieLens, run the job bounded, print recommendations and a summary.")
