@@ -136,8 +136,12 @@ class SequenceModel(TableModel):
                 Var("transitions", self.T, "item_pairs"), Var("transitions_out", self.T_out, "items"),
                 Var("memory_weight", self.theta, "dense"), Var("adagrad_memory_weight", self.acc_theta, "dense")]
 
-    def _shared_applied(self) -> None:
-        self.T_read.assign(self._read_copy(self.T))
+    def _shared_applied(self, applied) -> None:
+        """The float16 read copy of the counts, at the cells another replica's counts were added to."""
+        cells = applied.get("transitions")
+        if cells is not None and len(cells):
+            cells = tf.constant(cells, tf.int64)
+            self.T_read.scatter_update(tf.IndexedSlices(self._read_copy(tf.gather(self.T, cells)), cells))
 
     def capacity(self) -> int:
         return int(self.E_in.shape[0])

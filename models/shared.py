@@ -133,7 +133,7 @@ class SyncBase:
         base = self.base[v.name]
         if base.shape[0] < shape[0]:
             if v.kind == "item_pairs":
-                m0, m = _side(base.shape[0]), _side(shape[0])
+                m0, m = _side(base.shape[0]), _side(int(shape[0]))
                 grown = np.zeros((m, m), np.float32)
                 grown[:m0, :m0] = base.reshape(m0, m0)
                 base = grown.reshape(-1)
@@ -143,21 +143,22 @@ class SyncBase:
             self.base[v.name] = base
         return base
 
-    def export(self, variables: Sequence[tuple[Var, np.ndarray]], row_ids: Sequence[str | None]) -> SharedDelta:
+    def export(self, variables: Sequence[tuple[Var, object]], row_ids: Sequence[str | None]) -> SharedDelta:
         """This replica's updates since the last export, by item id (rows that no id holds are left out).
 
-        Pair counts are compared only between rows that changed in an item-row variable (counts are made
-        from training pairs, whose rows the step updates), so an export reads ``|changed rows|^2`` cells of
-        the counts, not all ``m^2``.
+        ``variables``: each shared variable with its current values; for pair counts, a function of item
+        rows ``r`` that returns the counts' ``[r, r]`` block. Counts are compared only between rows that
+        changed in an item-row variable (counts are made from training pairs, whose rows the step
+        updates), so an export reads ``|changed rows|^2`` cells of the counts, not all ``m^2``.
         """
         n = len(row_ids)
         held = np.asarray([r is not None for r in row_ids], bool)
         delta, changed, pair_vars = SharedDelta(), {}, []
         for v, values in variables:
-            values = np.asarray(values, np.float32)
             if v.kind == "item_pairs":
                 pair_vars.append((v, values))
                 continue
+            values = np.asarray(values, np.float32)
             base = self.fit(v, values.shape)
             if v.kind == "dense":
                 delta.dense[v.name] = values - base
@@ -174,12 +175,12 @@ class SyncBase:
         for name, (at, change) in changed.items():
             keep = position[at] >= 0
             delta.rows[name] = (position[at[keep]].astype(np.int32), change[keep])
-        for v, values in pair_vars:
-            base = self.fit(v, values.shape)
-            m = _side(len(values))
+        for v, block in pair_vars:
+            base = self.fit(v, v.var.shape)
+            m = _side(len(base))
             inside = rows[rows < m]
             grid = np.ix_(inside, inside)
-            now, then = values.reshape(m, m)[grid], base.reshape(m, m)
+            now, then = np.asarray(block(inside), np.float32), base.reshape(m, m)
             first, second = np.nonzero(now != then[grid])
             delta.pairs[v.name] = (position[inside[first]].astype(np.int32), position[inside[second]].astype(np.int32),
                                    (now - then[grid])[first, second])

@@ -158,7 +158,19 @@ class TableModel(Recommender):
         """This replica's own changes of the shared variables since the last export (after :meth:`start_sync`)."""
         if self._sync is None:
             raise RuntimeError("export_shared before start_sync")
-        return self._sync.export([(v, v.var.numpy()) for v in self.variables() if v.shared], self.items.ids)
+        return self._sync.export([(v, self._pair_block(v) if v.kind == "item_pairs" else v.var.numpy())
+                                  for v in self.variables() if v.shared], self.items.ids)
+
+    @staticmethod
+    def _pair_block(v: Var):
+        """A function of item rows ``r`` giving the ``[r, r]`` block of pair counts ``v`` (gathered in TensorFlow:
+        the counts are items^2 floats, not to be copied whole)."""
+        m = int(round(int(v.var.shape[0]) ** 0.5))
+
+        def block(rows: np.ndarray) -> np.ndarray:
+            cells = (rows.astype(np.int64)[:, None] * m + rows.astype(np.int64)[None, :]).reshape(-1)
+            return tf.gather(v.var, cells).numpy().reshape(len(rows), len(rows))
+        return block
 
     def apply_shared(self, delta: SharedDelta) -> None:
         """Add another replica's changes (:meth:`export_shared`). Items new here are admitted (with their
@@ -170,6 +182,7 @@ class TableModel(Recommender):
         self._forget_evicted()
         self._grow()
         self._init_assigned()
+        applied: dict[str, np.ndarray] = {}
         for v in self.variables():
             if not v.shared:
                 continue
@@ -192,13 +205,15 @@ class TableModel(Recommender):
                 v.var.scatter_nd_add(at[:, None], values)
             else:
                 continue
+            applied[v.name] = at
             if self._sync is not None:
                 self._sync.received(v, at, values)
-        self._shared_applied()
+        self._shared_applied(applied)
         self.version += 1
 
-    def _shared_applied(self) -> None:
-        """Another replica's changes were added (a model kind refreshes what it derives from its variables)."""
+    def _shared_applied(self, applied: dict[str, np.ndarray | None]) -> None:
+        """Another replica's changes were added to ``applied`` (variable -> the rows or cells changed; ``None``:
+        all of a dense one): a model kind refreshes what it derives from its variables there."""
 
     def _forget_evicted(self) -> None:
         """Drop what was kept about ids that lost their rows (seen sets; evicted items from every set)."""
