@@ -196,7 +196,6 @@ class SyncBase:
         else:
             np.add.at(base, at, values)
 
-
     def forget(self, v: Var, rows: Sequence[int]) -> None:
         """Rows of ``v`` were reset to ``fill`` here because their id left this replica: not a change to send
         (pair counts: the rows' counts both ways, reset to 0)."""
