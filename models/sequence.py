@@ -136,6 +136,29 @@ class SequenceModel(TableModel):
                 Var("transitions", self.T, "item_pairs"), Var("transitions_out", self.T_out, "items"),
                 Var("memory_weight", self.theta, "dense"), Var("adagrad_memory_weight", self.acc_theta, "dense")]
 
+    def _sync_started(self) -> None:
+        self._counted: list[np.ndarray] = []     # [2, n] (context row, item row) counted since the last export
+
+    def _note_counted(self, grp_r, grp_w, pair_grp, items, weights) -> None:
+        """Which count cells a step changes (as :meth:`_count` selects them), kept for the next export."""
+        if self._sync is None or not len(items):
+            return
+        h = grp_r[pair_grp]
+        i = np.broadcast_to(items[:, None], h.shape)
+        ok = (grp_w[pair_grp] > 0) & (weights[:, None] > 0)     # rows past the memory: left out at the export
+        self._counted.append(np.stack([h[ok], i[ok]]))
+        if self.cfg.transition_symmetric:
+            self._counted.append(np.stack([i[ok], h[ok]]))
+
+    def _changed_pairs(self, v):
+        m = self.memory_size
+        pairs = np.concatenate(self._counted + [np.zeros((2, 0), np.int64)], 1).astype(np.int64)
+        self._counted = []
+        pairs = pairs[:, (pairs < m).all(0)]
+        cells = np.unique(pairs[0] * m + pairs[1])
+        first, second = cells // m, cells % m
+        return first, second, tf.gather(v.var, cells).numpy() if len(cells) else np.zeros(0, np.float32)
+
     def _shared_applied(self, applied) -> None:
         """The float16 read copy of the counts, at the cells another replica's counts were added to."""
         cells = applied.get("transitions")
@@ -388,6 +411,7 @@ class SequenceModel(TableModel):
             return StepStats(0.0, 0, time.perf_counter() - started)
         neg = self._negatives()
         grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
+        self._note_counted(grp_r, grp_w, pair_grp, items, weights)
         with tf.device(self.device):
             loss = self._train_fn(grp_r, grp_w, pair_grp, items, weights, neg)
         return StepStats(float(loss), len(items), time.perf_counter() - started)
@@ -444,6 +468,7 @@ class SequenceModel(TableModel):
                 self._init_assigned()
                 neg = self._negatives() if groups else no_negatives
                 grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
+                self._note_counted(grp_r, grp_w, pair_grp, items, weights)
                 for name, a in zip(("grp_r", "grp_w", "pair_grp", "item", "weight"),
                                    (grp_r, grp_w, pair_grp + n_groups, items, weights)):
                     parts[name].append(a)

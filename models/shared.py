@@ -146,17 +146,23 @@ class SyncBase:
     def export(self, variables: Sequence[tuple[Var, object]], row_ids: Sequence[str | None]) -> SharedDelta:
         """This replica's updates since the last export, by item id (rows that no id holds are left out).
 
-        ``variables``: each shared variable with its current values; for pair counts, a function of item
-        rows ``r`` that returns the counts' ``[r, r]`` block. Counts are compared only between rows that
-        changed in an item-row variable (counts are made from training pairs, whose rows the step
-        updates), so an export reads ``|changed rows|^2`` cells of the counts, not all ``m^2``.
+        ``variables``: each shared variable with its current values; for pair counts, the (first, second)
+        item rows of the cells changed since the last export and their values now (the counts are items^2
+        floats: the model tracks what it counted rather than have them compared whole).
         """
         n = len(row_ids)
         held = np.asarray([r is not None for r in row_ids], bool)
-        delta, changed, pair_vars = SharedDelta(), {}, []
+        delta, changed, pairs = SharedDelta(), {}, {}
         for v, values in variables:
             if v.kind == "item_pairs":
-                pair_vars.append((v, values))
+                first, second, now = (np.asarray(a) for a in values)
+                base = self.fit(v, v.var.shape)
+                m = _side(len(base))
+                cells = first.astype(np.int64) * m + second.astype(np.int64)
+                change = now.astype(np.float32) - base[cells]
+                base[cells] = now
+                moved = change != 0
+                pairs[v.name] = (first[moved].astype(np.int64), second[moved].astype(np.int64), change[moved])
                 continue
             values = np.asarray(values, np.float32)
             base = self.fit(v, values.shape)
@@ -167,7 +173,9 @@ class SyncBase:
             rows = np.flatnonzero(np.any((values[:n] != base[:n]).reshape(min(n, len(values)), -1), axis=1))
             changed[v.name] = (rows, values[rows] - base[rows])
             base[rows] = values[rows]
-        rows = np.unique(np.concatenate([r for r, _ in changed.values()] + [np.zeros(0, np.int64)])).astype(np.int64)
+        rows = np.unique(np.concatenate([r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]
+                                        + [np.zeros(0, np.int64)])).astype(np.int64)
+        rows = rows[(rows < n)]
         rows = rows[held[rows]]                             # rows that no id holds are never sent
         position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
         position[rows] = np.arange(len(rows))
@@ -175,16 +183,12 @@ class SyncBase:
         for name, (at, change) in changed.items():
             keep = position[at] >= 0
             delta.rows[name] = (position[at[keep]].astype(np.int32), change[keep])
-        for v, block in pair_vars:
-            base = self.fit(v, v.var.shape)
-            m = _side(len(base))
-            inside = rows[rows < m]
-            grid = np.ix_(inside, inside)
-            now, then = np.asarray(block(inside), np.float32), base.reshape(m, m)
-            first, second = np.nonzero(now != then[grid])
-            delta.pairs[v.name] = (position[inside[first]].astype(np.int32), position[inside[second]].astype(np.int32),
-                                   (now - then[grid])[first, second])
-            then[grid] = now
+        for name, (first, second, change) in pairs.items():
+            inside = (first < n) & (second < n)
+            first, second, change = first[inside], second[inside], change[inside]
+            keep = (position[first] >= 0) & (position[second] >= 0)
+            delta.pairs[name] = (position[first[keep]].astype(np.int32), position[second[keep]].astype(np.int32),
+                                 change[keep])
         return delta
 
     def received(self, v: Var, at: np.ndarray | None, values: np.ndarray) -> None:

@@ -153,24 +153,22 @@ class TableModel(Recommender):
     def start_sync(self) -> None:
         """From now on, keep what is needed to export this replica's own changes of the shared variables."""
         self._sync = SyncBase([(v, v.var.numpy()) for v in self.variables() if v.shared])
+        self._sync_started()
+
+    def _sync_started(self) -> None:
+        """A kind that tracks its own changes for the sync starts afresh (nothing by default)."""
 
     def export_shared(self) -> SharedDelta:
         """This replica's own changes of the shared variables since the last export (after :meth:`start_sync`)."""
         if self._sync is None:
             raise RuntimeError("export_shared before start_sync")
-        return self._sync.export([(v, self._pair_block(v) if v.kind == "item_pairs" else v.var.numpy())
+        return self._sync.export([(v, self._changed_pairs(v) if v.kind == "item_pairs" else v.var.numpy())
                                   for v in self.variables() if v.shared], self.items.ids)
 
-    @staticmethod
-    def _pair_block(v: Var):
-        """A function of item rows ``r`` giving the ``[r, r]`` block of pair counts ``v`` (gathered in TensorFlow:
-        the counts are items^2 floats, not to be copied whole)."""
-        m = int(round(int(v.var.shape[0]) ** 0.5))
-
-        def block(rows: np.ndarray) -> np.ndarray:
-            cells = (rows.astype(np.int64)[:, None] * m + rows.astype(np.int64)[None, :]).reshape(-1)
-            return tf.gather(v.var, cells).numpy().reshape(len(rows), len(rows))
-        return block
+    def _changed_pairs(self, v: Var) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For pair counts ``v``: the (first, second) item rows of every cell this replica changed since its last
+        export, and their values now. A kind with pair counts keeps track of them (see ``SequenceModel``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares pair counts {v.name!r} but does not track them")
 
     def apply_shared(self, delta: SharedDelta) -> None:
         """Add another replica's changes (:meth:`export_shared`). Items new here are admitted (with their
