@@ -131,8 +131,9 @@ class SequenceModel(TableModel):
     def variables(self) -> list[Var]:
         """All shared (item side): a user is their history, which is data, not a variable."""
         names = ("adagrad_0", "adagrad_1", "adagrad_2")
-        return [Var("item_context_emb", self.E_in, "items", 0.0, INIT_STD), Var("item_emb", self.E_out, "items", 0.0, INIT_STD),
-                Var("item_bias", self.b, "items"), *(Var(n, a, "items", ADAGRAD_INIT) for n, a in zip(names, self.acc)),
+        return [Var("item_context_emb", self.E_in, "items", 0.0, INIT_STD),
+                Var("item_emb", self.E_out, "items", 0.0, INIT_STD), Var("item_bias", self.b, "items"),
+                *(Var(n, a, "items", ADAGRAD_INIT) for n, a in zip(names, self.acc)),
                 Var("transitions", self.T, "item_pairs"), Var("transitions_out", self.T_out, "items"),
                 Var("memory_weight", self.theta, "dense"), Var("adagrad_memory_weight", self.acc_theta, "dense")]
 

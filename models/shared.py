@@ -173,9 +173,9 @@ class SyncBase:
             rows = np.flatnonzero(np.any((values[:n] != base[:n]).reshape(min(n, len(values)), -1), axis=1))
             changed[v.name] = (rows, values[rows] - base[rows])
             base[rows] = values[rows]
-        rows = np.unique(np.concatenate([r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]
-                                        + [np.zeros(0, np.int64)])).astype(np.int64)
-        rows = rows[(rows < n)]
+        ends = [r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]
+        rows = np.unique(np.concatenate(ends + [np.zeros(0, np.int64)])).astype(np.int64)
+        rows = rows[rows < n]
         rows = rows[held[rows]]                             # rows that no id holds are never sent
         position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
         position[rows] = np.arange(len(rows))
