@@ -126,3 +126,22 @@ def test_the_state_of_a_replica_round_trips_and_syncing_starts_afresh_after(kind
     r = type(a).from_bytes(a.to_bytes(), a.cfg)
     r.start_sync()
     assert r.export_shared().empty
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replicas_under_the_memory_bound_keep_exchanging(kind):
+    """Items are evicted (and rows reused) while replicas exchange: deltas for items a replica cannot hold are
+    left out, its own forgetting is not sent, and every variable stays finite."""
+    windows = random_windows(6, n_windows=24, n_users=20, n_items=40)
+    models = [build(kind, max_items=8), build(kind, max_items=8)]
+    for m in models:
+        m.start_sync()
+    for j in range(0, len(windows), 4):
+        for m, part in zip(models, split(windows, 2)):
+            lists = m.learn_windows(part[j:j + 4], 4, 5)
+            assert all(len(set(w.rec.items)) == len(w.rec.items) for w in lists)
+        exchange(models)
+    for m in models:
+        assert len(m.items) <= 8 and m.items.evictions > 0
+        for v in m.variables():
+            assert np.isfinite(v.var.numpy()).all(), v.name
