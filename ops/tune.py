@@ -62,6 +62,7 @@ def score(cfg: Config, df: pd.DataFrame, windows, chunk: int = 100, replicas: in
         for r, model in enumerate(models):
             mine = [(end, [i for i in incs if replicas == 1 or zlib.crc32(i.user_id.encode()) % replicas == r])
                     for end, incs in part]
+            mine = [(end, incs) for end, incs in mine if incs]      # as the job: a shard gets only its windows
             recs += [{"user_id": w.user_id, "items": w.rec.items, "window_end": w.window_end}
                      for w in model.learn_windows(mine, cfg.model.batch_size, cfg.model.k, cfg.model.exclude_seen)]
         since += sum(inc.events for _, incs in part for inc in incs)
