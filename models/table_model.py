@@ -175,8 +175,8 @@ class TableModel(Recommender):
         initial rows, as the other replica started them); an item that cannot get a row (the table is full
         of rows the current call holds) misses this delta."""
         now = int(self.items.last_seen.max()) if len(self.items.last_seen) else 0
-        rows = np.asarray([self.items.get(i) or self.items.lookup(i, now, self.steps, self.items.admit_after)
-                           for i in delta.ids] or [0], np.int64)[: len(delta.ids)]
+        rows = np.fromiter((self.items.get(i) or self.items.lookup(i, now, self.steps, self.items.admit_after)
+                            for i in delta.ids), np.int64, len(delta.ids))
         self._forget_evicted()
         self._grow()
         self._init_assigned()
