@@ -42,6 +42,7 @@ class KafkaConfig:
     output_topic: str = "recommendations"
     dlq_topic: str = "behavior-events-dlq"
     metrics_topic: str = "freshet-metrics"
+    sync_topic: str = "freshet-model-sync"   # at parallelism > 1: the replicas' changes of the shared model
     group_id: str = "freshet"
     startup_mode: str = "earliest-offset"
     partitions: int = 2
@@ -52,7 +53,8 @@ class KafkaConfig:
         _require(bool(self.bootstrap_servers), "kafka.bootstrap_servers must not be empty")
         topics = self.topics()
         _require(all(topics), "kafka topics must not be empty")
-        _require(len(set(topics)) == 4, f"kafka input, output, dead-letter and metrics topics must differ, got {topics}")
+        _require(len(set(topics)) == 5,
+                 f"kafka input, output, dead-letter, metrics and sync topics must differ, got {topics}")
         _require(self.startup_mode in ("earliest-offset", "latest-offset", "group-offsets"),
                  f"kafka.startup_mode must be earliest-offset|latest-offset|group-offsets, got {self.startup_mode!r}")
         _require(self.partitions >= 1, f"kafka.partitions must be >= 1, got {self.partitions}")
@@ -63,7 +65,7 @@ class KafkaConfig:
 
     def topics(self) -> list[str]:
         """Every topic the job reads or writes."""
-        return [self.input_topic, self.output_topic, self.dlq_topic, self.metrics_topic]
+        return [self.input_topic, self.output_topic, self.dlq_topic, self.metrics_topic, self.sync_topic]
 
     def client_properties(self) -> dict[str, str]:
         """Properties common to every Kafka client (producer, consumer, admin, Flink connector)."""
@@ -221,6 +223,8 @@ class FlinkConfig:
     local_heap_mb: int = 1024                 # JVM heap of the local runtime (`freshet run`); 0: the JVM's default
     python_bundle_time_ms: int = 100          # a Python operator flushes its output at least this often
     python_bundle_size: int = 1000            # ... or after this many input records
+    replica_sync: bool = True                 # parallelism > 1: the replicas exchange their shared-model changes
+    replica_sync_events: int = 0              # ... after a model call once this many events were learned (0: every call)
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
@@ -234,6 +238,7 @@ class FlinkConfig:
                  "flink.local_heap_mb must be 0 (the JVM's default) or at least 256")
         _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,
                  "flink.restart_attempts and flink.restart_delay_ms must be >= 0")
+        _require(self.replica_sync_events >= 0, "flink.replica_sync_events must be >= 0 (0: after every model call)")
         _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")
         _require(self.checkpoint_interval_ms >= 0, "flink.checkpoint_interval_ms must be >= 0 (0 disables)")
         _require(self.state_backend in ("rocksdb", "hashmap"), "flink.state_backend must be rocksdb|hashmap")

@@ -108,7 +108,8 @@ def system_config(base: Config, tag: str, system: System) -> Config:
     sections = {section: dict(values) for section, values in system.overrides.items()}
     sections.setdefault("kafka", {}).update({
         "output_topic": f"{tag}-recs-{system.name}", "dlq_topic": f"{tag}-dlq-{system.name}",
-        "metrics_topic": f"{tag}-metrics-{system.name}", "group_id": f"{tag}-{system.name}"})
+        "metrics_topic": f"{tag}-metrics-{system.name}", "sync_topic": f"{tag}-sync-{system.name}",
+        "group_id": f"{tag}-{system.name}"})
     sections.setdefault("flink", {})["transactional_id_prefix"] = f"{tag}-{system.name}"
     return base.replace(**sections)
 

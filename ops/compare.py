@@ -67,7 +67,8 @@ def compare(cfg: Config, dataset: str, systems: list[str], out_dir: Path, log=pr
     workdir = cfg.local.home_path() / "compare" / tag
     # Lists of 20 items so HR@20 is measured too; their first 10 are exactly the K=10 lists.
     base = cfg.replace(kafka={"input_topic": f"{tag}-events", "output_topic": f"{tag}-recs",
-                              "dlq_topic": f"{tag}-dlq", "metrics_topic": f"{tag}-metrics"}, model={"k": max(cfg.model.k, 20)})
+                              "dlq_topic": f"{tag}-dlq", "metrics_topic": f"{tag}-metrics",
+                              "sync_topic": f"{tag}-sync"}, model={"k": max(cfg.model.k, 20)})
     kafka_io.ensure_topics(base)
     log(str(replay.replay(base, df)))
     events = list(zip(df["user_id"], df["item_id"], df["ts"]))

@@ -30,6 +30,12 @@ def topic_names(cfg: Config, timeout: float = 10.0) -> set[str]:
                                 "start the local one with `freshet kafka start` or set kafka.bootstrap_servers") from None
 
 
+# The sync topic (parallelism > 1) carries each replica's changes of the shared model, up to tens of MB
+# each on large catalogues; they are read within seconds, and a restore rereads at most one checkpoint's
+# worth, so a day of retention (by the records' wall-clock timestamps) is plenty.
+SYNC_TOPIC = {"max.message.bytes": str(64 << 20), "retention.ms": str(86_400_000)}
+
+
 def ensure_topics(cfg: Config, timeout: float = 60.0, topic_config: dict[str, dict[str, str]] | None = None,
                   names: list[str] | None = None) -> list[str]:
     """Create the job's topics (input, output, dead letters, metrics; or ``names``) if missing, all with
@@ -56,7 +62,9 @@ def ensure_topics(cfg: Config, timeout: float = 60.0, topic_config: dict[str, di
             # retention.ms=-1: replays carry historical timestamps, which time-based retention would
             # delete at the broker's next check (it compares record timestamps with now).
             futures = client.create_topics([NewTopic(t, num_partitions=cfg.kafka.partitions, replication_factor=1,
-                                                     config={"retention.ms": "-1", **(topic_config or {}).get(t, {})})
+                                                     config={"retention.ms": "-1",
+                                                             **(SYNC_TOPIC if t == cfg.kafka.sync_topic else {}),
+                                                             **(topic_config or {}).get(t, {})})
                                             for t in missing])
             for topic, fut in futures.items():
                 try:

@@ -44,7 +44,7 @@ def topics_cfg(kafka, kafka_cfg) -> Config:
     from freshet.ops import kafka_io
     tag = uuid.uuid4().hex[:8]
     cfg = kafka_cfg.replace(kafka={"input_topic": f"events-{tag}", "output_topic": f"recs-{tag}",
-                                   "dlq_topic": f"dlq-{tag}", "metrics_topic": f"metrics-{tag}",
+                                   "dlq_topic": f"dlq-{tag}", "metrics_topic": f"metrics-{tag}", "sync_topic": f"sync-{tag}",
                                    "group_id": f"freshet-test-{tag}"},
                             flink={"transactional_id_prefix": f"freshet-test-{tag}",
                                    "checkpoint_interval_ms": 2000, "model_snapshot_interval_ms": 500})

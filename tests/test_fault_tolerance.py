@@ -66,7 +66,8 @@ def run_cfg(cfg, name):
     """Own output, dead-letter and metrics topics, consumer group and transactional ids per run."""
     tag = f"{cfg.kafka.input_topic}-{name}"
     return cfg.replace(kafka={"output_topic": f"{tag}-recs", "dlq_topic": f"{tag}-dlq",
-                              "metrics_topic": f"{tag}-metrics", "group_id": tag},
+                              "metrics_topic": f"{tag}-metrics",
+                              "sync_topic": f"{tag}-sync", "group_id": tag},
                        flink={"transactional_id_prefix": tag})
 
 

@@ -103,7 +103,8 @@ def test_ten_thousand_generated_records_are_each_processed_or_dead_lettered(topi
     # partition, so offsets are production order.
     tag = f"{topics_cfg.kafka.input_topic}-fuzz-{uuid.uuid4().hex[:6]}"
     cfg = topics_cfg.replace(kafka={"partitions": 1, "input_topic": tag, "output_topic": f"{tag}-recs",
-                                    "dlq_topic": f"{tag}-dlq", "metrics_topic": f"{tag}-metrics"},
+                                    "dlq_topic": f"{tag}-dlq", "metrics_topic": f"{tag}-metrics",
+                                    "sync_topic": f"{tag}-sync"},
                              flink={"transactional_id_prefix": tag})
     kafka_io.ensure_topics(cfg)
     validator = EventValidator(cfg.events)

@@ -1,7 +1,11 @@
 """The model operator's own rules, with stand-ins for what Flink hands it (state, timers, metrics)."""
 from __future__ import annotations
 
+import copy
 import json
+
+import numpy as np
+import pytest
 
 from freshet.udfs.recommend_online import RecommendOnline
 
@@ -201,3 +205,132 @@ def test_two_shards_on_one_subtask_stay_two_models_with_their_own_state(cfg):
         list(restored.on_timer(119999, ctx[key].enter()))
     assert {key: sorted(restored.shards[key].model.recommend(["new"], k=5)[0].items) for key in (0, 1)} == \
         {0: ["a", "c"], 1: ["b", "d"]}
+
+
+# ---- replicas of one model (parallelism > 1) ----------------------------------------------------------------
+class FakeBroadcastState:
+    """Broadcast state: one map per subtask, as Flink keeps it (readable everywhere, written by the sync side)."""
+
+    def __init__(self):
+        self.map = {}
+
+    def get(self, key):
+        return self.map.get(key)
+
+    def put(self, key, value):
+        self.map[key] = value
+
+    def contains(self, key):
+        return key in self.map
+
+    def remove(self, key):
+        self.map.pop(key, None)
+
+    def keys(self):
+        return list(self.map)
+
+
+class FakeSyncContext(FakeContext):
+    def __init__(self, key, runtime, inbox):
+        super().__init__(key, runtime)
+        self.inbox = inbox
+
+    def get_broadcast_state(self, descriptor):
+        return self.inbox
+
+
+def synced_cfg(cfg, **flink):
+    return cfg.replace(model={"kind": "bpr", "dim": 8, "negatives": 4, "batch_size": 4, "initial_capacity": 64},
+                       flink={"parallelism": 2, "model_snapshot_interval_ms": 3_600_000, **flink})
+
+
+class Subtask:
+    """One subtask of the synced model operator: its function, keyed state, inbox and context for key ``key``."""
+
+    def __init__(self, cfg, key, runtime=None, inbox=None):
+        from freshet.udfs.recommend_online import RecommendOnlineSynced
+        self.key, self.rc = key, runtime or FakeRuntimeContext()
+        self.rc.current = key
+        self.inbox = inbox or FakeBroadcastState()
+        self.fn, self.ctx = RecommendOnlineSynced(cfg), FakeSyncContext(key, self.rc, self.inbox)
+        self.fn.open(self.rc)
+
+    def window(self, end, quads):
+        assert list(self.fn.process_element(window_row(end, quads, self.key), self.ctx.enter())) == []
+
+    def fire(self, watermark):
+        self.ctx.timers.watermark = watermark
+        return list(self.fn.on_timer(min(self.ctx.timers.timers), self.ctx.enter()))
+
+    def receive(self, records):
+        for r in records:
+            assert list(self.fn.process_broadcast_element(r, self.ctx)) == []
+
+    def shared(self):
+        """Item id -> its rows of every shared variable, rounded (float sums of other orders differ in the last bits)."""
+        m = self.fn.shards[self.key].model
+        values = [v.var.numpy() for v in m.variables() if v.shared]
+        return {i: tuple(np.round(x[r], 5).tolist() for x in values) for r, i in enumerate(m.items.ids) if i}
+
+
+def sync_records(out):
+    return [r[2] for r in out if r[0] == "sync"]
+
+
+def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_once(cfg):
+    """Two replicas on their own users: each sends its changes after a call, the other applies them before its
+    next one (a copy arriving twice is applied once, its own records are never applied): shared rows agree."""
+    job_cfg = synced_cfg(cfg)
+    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    a.window(60000, [["u1", "x", 1.0, 1], ["u1", "y", 2.0, 1]])
+    b.window(60000, [["v1", "y", 1.0, 1], ["v1", "z", 1.0, 1]])
+    sent_a, sent_b = sync_records(a.fire(70000)), sync_records(b.fire(70000))
+    assert len(sent_a) == len(sent_b) == 1
+    for s in (a, b):                            # the topic: every record reaches every subtask, twice here
+        s.receive(sent_a + sent_b + sent_a)
+    assert list(a.inbox.map) == ["2:000000000001"] and list(b.inbox.map) == ["0:000000000001"]
+    a.window(120000, [["u1", "z", 1.0, 1]])
+    b.window(120000, [["v1", "x", 1.0, 1]])
+    more = sync_records(a.fire(130000)) + sync_records(b.fire(130000))
+    for s in (a, b):
+        s.receive(more)
+    for s in (a, b):                            # what a replica does before its next call
+        s.fn._apply_inbox(s.fn.shards[s.key], s.ctx)
+    assert a.fn.shards[0].sync.applied == {2: 2} and b.fn.shards[2].sync.applied == {0: 2}
+    metrics = a.fn._metrics(a.fn.shards[0], 130000)
+    assert metrics["sync_applied"] == 2 and metrics["sync_sent"] == 2 and metrics["sync_bytes_sent"] > 0
+    assert set(a.shared()) == {"x", "y", "z"} and a.shared() == b.shared()     # one model's item side
+
+
+@pytest.mark.parametrize("snapshot_first_call, sync_events", [(False, 0), (True, 0), (True, 3)])
+def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_same_model(
+        cfg, snapshot_first_call, sync_events):
+    """Snapshot + log for a replica: the deltas it applied and the exports it made between logged calls are
+    re-done in order from the inbox, so the restored model is exactly the one it had, and its next export is
+    the same delta an uninterrupted replica sends. (A replica's snapshot waits for its next send.)"""
+    job_cfg = synced_cfg(cfg, replica_sync_events=sync_events)
+    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    a.window(1, [["warm", "x", 1.0, 1]])        # loads a's shard; its snapshot is due at the next call or never
+    a.fn.shards[0].last_snapshot = float("-inf") if snapshot_first_call else float("inf")
+    rounds = [(60000, [["u1", "x", 1.0, 1], ["u1", "y", 2.0, 1]], [["v1", "y", 1.0, 1], ["v1", "z", 1.0, 1]]),
+              (120000, [["u1", "z", 1.0, 1]], [["v1", "x", 1.0, 1], ["v2", "y", 3.0, 2]]),
+              (180000, [["u2", "y", 1.0, 1], ["u2", "w", 1.0, 1]], [["v2", "x", 1.0, 1]])]
+    for end, qa, qb in rounds[:2]:
+        a.window(end, qa)
+        b.window(end, qb)
+        sent = sync_records(a.fire(end + 10000)) + sync_records(b.fire(end + 10000))
+        a.receive(sent)
+        a.fn.shards[0].last_snapshot = max(a.fn.shards[0].last_snapshot, 0.0) if snapshot_first_call else float("inf")
+    snapshots = len(a.rc.states["model"].by_key.get(0, FakeListState()).items)
+    assert snapshots == (1 if snapshot_first_call else 0)
+    restored = Subtask(job_cfg, 0, runtime=copy.deepcopy(a.rc), inbox=copy.deepcopy(a.inbox))   # as checkpointed
+    end, qa, _ = rounds[2]
+    for s in (a, restored):
+        s.window(end, qa)
+    out_a, out_r = a.fire(end + 10000), restored.fire(end + 10000)
+    assert restored.fn.shards[0].restored_windows == (1 if snapshot_first_call else 3)
+    assert restored.shared() == a.shared()
+    assert [json.loads(r[2])["items"] for r in out_r if r[0] == "rec"] == \
+        [json.loads(r[2])["items"] for r in out_a if r[0] == "rec"]
+    sent = [[f for j, f in enumerate(r.split(" ")) if j != 2] for r in sync_records(out_a)]   # all but sent_at
+    assert len(sent) == 1 and [[f for j, f in enumerate(r.split(" ")) if j != 2] for r in sync_records(out_r)] == sent

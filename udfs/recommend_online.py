@@ -28,24 +28,37 @@ import time
 
 from pyflink.common import Row
 from pyflink.common.typeinfo import Types
-from pyflink.datastream import KeyedProcessFunction
-from pyflink.datastream.state import ListStateDescriptor
+from pyflink.datastream import KeyedBroadcastProcessFunction, KeyedProcessFunction
+from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor
 
 from freshet.conf.settings import Config
 from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
+from freshet.models.shared import ReplicaState, SharedDelta
 
 # What enters it: (kind, model shard, window_end, window closed at, body). kind "win": a window of the shard,
 # body its (user, item, weight, events) quads as JSON; "dlq": a dead letter found in the JVM, body its JSON.
 INPUT_TYPE = Types.ROW([Types.STRING(), Types.INT(), Types.LONG(), Types.LONG(), Types.STRING()])
 # What leaves this function: (kind, Kafka key, Kafka value, window closed at). kind "rec": a recommendation
-# (CONTRACTS §2) keyed by user; "metrics": a live-metrics record; "dlq": a dead letter passed through.
+# (CONTRACTS §2) keyed by user; "metrics": a live-metrics record; "dlq": a dead letter passed through;
+# "sync": this replica's changes of the shared model, keyed by its shard (parallelism > 1).
 # The job routes them to their topics in SQL.
 OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload", "closed_at"],
                               [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()])
 END_OF_INPUT = 2 ** 63 - 1
 # The operator's Flink metrics that are levels, not counts (in the order _publish_levels gives them).
 LEVELS = ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_version", "restored_windows")
+# Model kinds whose replicas learn as one model at parallelism > 1: they declare their variables
+# (models/shared.py). The baselines' replicas stay apart (each subtask's users, a model of their own).
+SYNCED_KINDS = ("bpr", "sequence")
+# Other replicas' deltas, waiting to be applied (parallelism > 1): broadcast state, one copy per subtask,
+# "<sender>:<seq>" -> the sync record. Written where the sync stream arrives; read where the model runs.
+SYNC_INBOX = MapStateDescriptor("sync_inbox", Types.STRING(), Types.STRING())
+
+
+def replica_sync_on(cfg: Config) -> bool:
+    """Whether the job's model replicas exchange their changes (see :class:`RecommendOnlineSynced`)."""
+    return cfg.flink.parallelism > 1 and cfg.flink.replica_sync and cfg.model.kind in SYNCED_KINDS
 
 
 def model_class(cfg: Config):
@@ -115,6 +128,11 @@ class Shard:
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
         self.live = LiveHitRate(k)
+        self.end_armed = False            # a replica's end-of-input timer is registered
+        self.logged_calls = 0             # calls in the flush log (since the last snapshot)
+        self.sync: ReplicaState | None = None       # parallelism > 1: this replica's place in the exchange
+        self.sync_bytes = self.sync_applied = 0     # since (re)start: sent, and deltas applied
+        self.sync_lag_ms: list[float] = []          # sent -> applied, of the deltas applied since the last metrics
 
 
 class RecommendOnline(KeyedProcessFunction):
@@ -152,11 +170,20 @@ class RecommendOnline(KeyedProcessFunction):
         # mode that enters this operator's Python interpreter from a foreign thread while the task thread
         # is in it, which crashes the TaskManager (SIGSEGV in libpython's frame stack).
         self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
+        self.sync_on = replica_sync_on(self.cfg)
+        if self.sync_on:
+            # The replica's ReplicaState as of the snapshot (JSON), and what it did since, in order with the
+            # flush log's calls: "apply <call> <sender> <seq>" (before that call), "send <call>" (after it).
+            self.sync_meta = runtime_context.get_list_state(ListStateDescriptor("sync", Types.STRING()))
+            self.sync_log = runtime_context.get_list_state(ListStateDescriptor("sync_log", Types.STRING()))
+        # sender -> the last of its deltas that this subtask's snapshot holds: the inbox can drop them
+        self.prunable: dict[int, int] = {}
 
     # ---- state -----------------------------------------------------------------------------------
-    def _shard(self, key: int) -> Shard:
+    def _shard(self, key: int, ctx=None) -> Shard:
         """The current key's shard; on its first call after (re)start, the checkpointed model plus the calls
-        logged after its snapshot."""
+        logged after its snapshot (and, for a replica, the deltas it applied and sent between them, in the
+        same order: ``ctx`` reads the applied ones from the inbox)."""
         shard = self.shards.get(key)
         if shard is not None:
             return shard
@@ -165,15 +192,47 @@ class RecommendOnline(KeyedProcessFunction):
                  else self.fresh or build_model(self.cfg))
         self.fresh = None
         shard = self.shards[key] = Shard(key, model, self.cfg.model.k)
+        sync_steps: dict[int, list[list[str]]] = {}
+        if self.sync_on:
+            model.start_sync()      # its base: the snapshot, which is always taken right after a send
+            meta = next(iter(self.sync_meta.get() or []), None)
+            shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=key)
+            self.prunable = dict(shard.sync.applied)
+            for entry in (self.sync_log.get() or []):
+                step = entry.split()
+                sync_steps.setdefault(int(step[1]), []).append(step)
         for entry in (self.log.get() or []):
             self._add_window(shard, *log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
-        for upto in boundaries:     # re-learn exactly the calls made before the checkpoint, emit nothing
+        for call, upto in enumerate(boundaries):  # re-learn exactly the calls made before the checkpoint, emit nothing
+            self._redo_sync(shard, sync_steps.get(call, ()), ctx)
             closed = self._close(shard, upto - 1)
             model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
             shard.restored_windows += len(closed)
+            if shard.sync is not None:
+                shard.sync.unsent_events += _events(closed)
+        self._redo_sync(shard, sync_steps.get(len(boundaries), ()), ctx)
+        shard.logged_calls = len(boundaries)
         shard.restored_version = model.version   # 0 unless a checkpoint held a model or logged calls
         return shard
+
+    def _redo_sync(self, shard: Shard, steps, ctx) -> None:
+        """Re-do a replica's logged sync steps: apply the same deltas (still in the inbox: it keeps what the
+        snapshot does not hold) and export again where it sent (the export moves its base; the record went
+        out before the checkpoint)."""
+        for step in steps:
+            if step[0] == "apply":
+                sender, seq = int(step[2]), int(step[3])
+                text = ctx.get_broadcast_state(SYNC_INBOX).get(ReplicaState.inbox_key(sender, seq))
+                if text is None:
+                    raise RuntimeError(f"restore of model shard {shard.key}: delta {seq} of replica {sender} is "
+                                       "logged as applied but missing from the sync inbox")
+                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
+                shard.sync.applied[sender] = seq
+            else:
+                if not shard.model.export_shared().empty:
+                    shard.sync.sent += 1
+                shard.sync.unsent_events = 0
 
     def _add_window(self, shard: Shard, window_end: int, closed_at: int, quads: str) -> None:
         for inc in Increment.window_from_quads(window_end, quads, self.cfg.window.max_items_per_increment,
@@ -190,6 +249,14 @@ class RecommendOnline(KeyedProcessFunction):
     def _snapshot_if_due(self, shard: Shard) -> None:
         if time.monotonic() - shard.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
             return
+        if shard.sync is not None:
+            if shard.sync.unsent_events:      # a replica's snapshot is taken right after it sent (its sync base)
+                return
+            self.sync_meta.clear()
+            self.sync_meta.add(shard.sync.to_text())
+            self.sync_log.clear()
+            self.prunable = dict(shard.sync.applied)
+        shard.logged_calls = 0
         self.model_state.clear()
         self.model_state.add(base64.b64encode(shard.model.to_bytes()).decode("ascii"))
         self.flush_log.clear()
@@ -204,7 +271,12 @@ class RecommendOnline(KeyedProcessFunction):
         if kind == "dlq":
             yield Row("dlq", None, body, None)
             return
-        shard = self._shard(key)     # the row's shard is its key: no call into the JVM per row for it
+        shard = self._shard(key, ctx)     # the row's shard is its key: no call into the JVM per row for it
+        if shard.sync is not None and not shard.end_armed:
+            # The end of a bounded input reaches a replica only as the watermark's end (the sync input is idle
+            # by then), after its last windows were listed: this timer reports it (the run's drain waits on it).
+            ctx.timer_service().register_event_time_timer(END_OF_INPUT - 1)
+            shard.end_armed = True
         self._add_window(shard, window_end, closed_at, body)
         self.log.add(log_entry(window_end, closed_at, body))
         self._arm(shard, ctx, window_end)
@@ -222,18 +294,25 @@ class RecommendOnline(KeyedProcessFunction):
             shard.armed = end - 1
 
     def on_timer(self, timestamp, ctx):
-        shard = self._shard(ctx.get_current_key())
+        shard = self._shard(ctx.get_current_key(), ctx)
         if shard.armed is not None and shard.armed <= timestamp:
             shard.armed = None   # fired (timers fire in timestamp order)
         watermark = ctx.timer_service().current_watermark()
         closed = self._close(shard, max(timestamp, watermark))
         if closed:  # else another timer for the same windows already flushed them
             started = time.perf_counter()
+            if shard.sync is not None:
+                self._apply_inbox(shard, ctx)
             lists = shard.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
                                               self.cfg.model.exclude_seen)
+            self.flush_log.add(closed[-1][0])
+            shard.logged_calls += 1
+            if shard.sync is not None:
+                record = self._send_if_due(shard, closed)
+                if record is not None:
+                    yield Row("sync", str(shard.key), record, None)
             shard.last_call_ms = (time.perf_counter() - started) * 1000
             shard.model_call_seconds += shard.last_call_ms / 1000
-            self.flush_log.add(closed[-1][0])
             self.flushes.inc()
             shard.calls += 1
             shard.emitted += len(lists)
@@ -248,6 +327,44 @@ class RecommendOnline(KeyedProcessFunction):
         if self._metrics_due(shard, watermark):
             yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
                       None)
+
+    # ---- one model across replicas (parallelism > 1) ---------------------------------------------
+    def _apply_inbox(self, shard: Shard, ctx) -> None:
+        """Before a call: every other replica's deltas waiting in the inbox, each sender's in sequence from the
+        one after its last applied (a gap waits for the missing one), logged for a restore."""
+        inbox = ctx.get_broadcast_state(SYNC_INBOX)
+        waiting: dict[int, set[int]] = {}
+        for key in inbox.keys():
+            sender, seq = ReplicaState.inbox_entry(key)
+            waiting.setdefault(sender, set()).add(seq)
+        now = time.time() * 1000
+        for sender in sorted(waiting):
+            if sender == shard.key:
+                continue
+            seq = shard.sync.applied.get(sender, 0) + 1
+            while seq in waiting[sender]:
+                text = inbox.get(ReplicaState.inbox_key(sender, seq))
+                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
+                shard.sync.applied[sender] = seq
+                self.sync_log.add(f"apply {shard.logged_calls} {sender} {seq}")
+                shard.sync_applied += 1
+                shard.sync_lag_ms.append(now - ReplicaState.head(text)[2])
+                seq += 1
+
+    def _send_if_due(self, shard: Shard, closed) -> str | None:
+        """After a call: this replica's changes since it last sent, once it has learned
+        ``flink.replica_sync_events`` events since (a sync record; None when not due or nothing changed)."""
+        shard.sync.unsent_events += _events(closed)
+        if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
+            return None
+        self.sync_log.add(f"send {shard.logged_calls}")
+        shard.sync.unsent_events = 0
+        delta = shard.model.export_shared()
+        if delta.empty:
+            return None
+        record = shard.sync.record(delta.to_bytes(), time.time() * 1000)
+        shard.sync_bytes += len(record)
+        return record
 
     def _publish_levels(self, shard: Shard) -> None:
         """The operator's levels, from the shard that made the last call."""
@@ -288,4 +405,51 @@ class RecommendOnline(KeyedProcessFunction):
                 "model_call_seconds": round(shard.model_call_seconds, 2),
                 "model_version": model.version, "users": model.n_users, "items": model.n_items,
                 "restored_windows": shard.restored_windows, "restored_model_version": shard.restored_version,
-                "shards_on_subtask": len(self.shards)}     # > 1: Flink put several shards on this subtask
+                "shards_on_subtask": len(self.shards),     # > 1: Flink put several shards on this subtask
+                **(self._sync_metrics(shard) if shard.sync is not None else {})}
+
+    @staticmethod
+    def _sync_metrics(shard: Shard) -> dict:
+        """A replica's exchange: deltas sent (and bytes) and applied since (re)start; sent -> applied lag of
+        those applied since the last record (ms, mean and max)."""
+        lag, shard.sync_lag_ms = shard.sync_lag_ms, []
+        return {"sync_sent": shard.sync.sent, "sync_bytes_sent": shard.sync_bytes,
+                "sync_applied": shard.sync_applied, "sync_applied_of": dict(sorted(shard.sync.applied.items())),
+                "sync_lag_ms_mean": round(sum(lag) / len(lag), 1) if lag else None,
+                "sync_lag_ms_max": round(max(lag), 1) if lag else None}
+
+
+def _events(closed) -> int:
+    """Accepted events in closed windows' increments."""
+    return sum(inc.events for _, increments in closed for inc in increments)
+
+
+class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
+    """:class:`RecommendOnline` for replicas of one model (parallelism > 1): its second input is every
+    replica's sync records, broadcast to all subtasks (``process_broadcast_element``).
+
+    Each replica learns from its own users' windows. After a call it sends what its learning changed in
+    the shared variables (``flink.replica_sync_events``); before a call it applies every other replica's
+    deltas that have arrived, in each sender's sequence. Deltas wait in broadcast state (the inbox) until
+    the replica's model snapshot holds them, so a restore re-does the logged calls and the logged applies
+    and sends in their order and comes back to exactly the checkpoint's model. The topic is at least once
+    and read uncommitted (docs/ARCHITECTURE.md says why): a replayed copy of a delta is dropped by its
+    sequence number; after a failure a sender may send a sequence number again with other contents, of
+    which a receiver keeps the first (the replicas then differ by at most that delta).
+    """
+
+    def process_broadcast_element(self, value, ctx):
+        """A sync record from any replica (this subtask's own included): another's goes into the inbox unless
+        applied already (a copy: the topic is at least once); entries the snapshot holds are dropped."""
+        sender, seq, _ = ReplicaState.head(value)
+        inbox = ctx.get_broadcast_state(SYNC_INBOX)
+        applied = [s.sync.applied.get(sender, 0) for s in self.shards.values() if s.sync is not None]
+        key = ReplicaState.inbox_key(sender, seq)
+        if sender not in self.shards and seq > min(applied, default=self.prunable.get(sender, 0)) \
+                and not inbox.contains(key):
+            inbox.put(key, value)
+        for key in list(inbox.keys()):
+            sender, seq = ReplicaState.inbox_entry(key)
+            if sender in self.shards or seq <= self.prunable.get(sender, 0):
+                inbox.remove(key)
+        yield from ()
