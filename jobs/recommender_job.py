@@ -193,7 +193,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     keyed = _keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
     if replica_sync_on(cfg):
         keyed = keyed.connect(sync_stream(env, cfg).broadcast(SYNC_INBOX))
-        model_output = keyed.process(RecommendOnlineSynced(cfg), output_type=OUTPUT_TYPE)
+        model_output = keyed.process(RecommendOnlineSynced(cfg, keys), output_type=OUTPUT_TYPE)
     else:
         model_output = keyed.process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)
     model_output = model_output.name("recommend-online").uid("recommend-online")

@@ -332,18 +332,13 @@ class RecommendOnline(KeyedProcessFunction):
     def _apply_inbox(self, shard: Shard, ctx) -> None:
         """Before a call: every other replica's deltas waiting in the inbox, each sender's in sequence from the
         one after its last applied (a gap waits for the missing one), logged for a restore."""
-        inbox = ctx.get_broadcast_state(SYNC_INBOX)
-        waiting: dict[int, set[int]] = {}
-        for key in inbox.keys():
-            sender, seq = ReplicaState.inbox_entry(key)
-            waiting.setdefault(sender, set()).add(seq)
+        inbox = ctx.get_broadcast_state(SYNC_INBOX)    # read-only here: get and contains (PyFlink's keys() fails)
         now = time.time() * 1000
-        for sender in sorted(waiting):
+        for sender in self.senders:
             if sender == shard.key:
                 continue
             seq = shard.sync.applied.get(sender, 0) + 1
-            while seq in waiting[sender]:
-                text = inbox.get(ReplicaState.inbox_key(sender, seq))
+            while (text := inbox.get(ReplicaState.inbox_key(sender, seq))) is not None:
                 shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
                 shard.sync.applied[sender] = seq
                 self.sync_log.add(f"apply {shard.logged_calls} {sender} {seq}")
@@ -438,9 +433,17 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
     which a receiver keeps the first (the replicas then differ by at most that delta).
     """
 
+    def __init__(self, cfg: Config, senders):
+        super().__init__(cfg)
+        self.senders = sorted(int(k) for k in senders)      # every replica's shard key
+
+    def open(self, runtime_context):
+        super().open(runtime_context)
+        self.pruned: dict[int, int] = {}     # sender -> the inbox holds none of its deltas up to this one
+
     def process_broadcast_element(self, value, ctx):
         """A sync record from any replica (this subtask's own included): another's goes into the inbox unless
-        applied already (a copy: the topic is at least once); entries the snapshot holds are dropped."""
+        applied already (a copy: the topic is at least once); deltas the snapshot holds are dropped."""
         sender, seq, _ = ReplicaState.head(value)
         inbox = ctx.get_broadcast_state(SYNC_INBOX)
         applied = [s.sync.applied.get(sender, 0) for s in self.shards.values() if s.sync is not None]
@@ -448,8 +451,12 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
         if sender not in self.shards and seq > min(applied, default=self.prunable.get(sender, 0)) \
                 and not inbox.contains(key):
             inbox.put(key, value)
-        for key in list(inbox.keys()):
-            sender, seq = ReplicaState.inbox_entry(key)
-            if sender in self.shards or seq <= self.prunable.get(sender, 0):
+        # A sender's deltas in the inbox are consecutive (each is kept once, above what was applied, and dropped
+        # from the bottom): walk down from the newest the snapshot holds (the state has no cheap key listing).
+        for sender, upto in self.prunable.items():
+            seq = upto
+            while seq > self.pruned.get(sender, 0) and inbox.contains(key := ReplicaState.inbox_key(sender, seq)):
                 inbox.remove(key)
+                seq -= 1
+            self.pruned[sender] = upto
         yield from ()
