@@ -242,6 +242,13 @@ def prepare_local_runtime(cfg: Config) -> None:
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))
 
 
+def _stop_with_drain(client, target: Path) -> None:
+    """Flink's stop-with-savepoint with end of event time (PyFlink's ``stop_with_savepoint`` misses the format
+    argument that Flink 2's JobClient requires)."""
+    formats = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType
+    client._j_job_client.stopWithSavepoint(True, target.resolve().as_uri(), formats.CANONICAL).get()
+
+
 def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str | None = None,
         wait: bool = True) -> None:
     """Build and execute the job on the environment Flink gives us (local runtime, or the cluster's).
@@ -275,8 +282,8 @@ def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str
     if bounded and replica_sync_on(cfg):     # the sync source never ends: drain once every shard's input has
         from freshet.ops.runner import DrainAtEndOfInput
         target = savepoints.savepoint_dir(cfg) / f"drained-{job_id}"
-        drain = DrainAtEndOfInput(cfg, lambda: client.stop_with_savepoint(True, target.resolve().as_uri()).result(),
-                                  started_ms, log=lambda line: print(line, file=sys.stderr, flush=True))
+        drain = DrainAtEndOfInput(cfg, lambda: _stop_with_drain(client, target), started_ms,
+                                  log=lambda line: print(line, file=sys.stderr, flush=True))
         drain.start()
     try:
         client.get_job_execution_result().result()

@@ -66,7 +66,10 @@ class DrainAtEndOfInput(threading.Thread):
                 self.log(f"(waiting for the end of input: {e})")
             if len(ended) >= self.cfg.flink.parallelism:
                 self.log(f"every model shard ({len(ended)}) reached the end of its input: draining the job")
-                self.stop_job()
+                try:
+                    self.stop_job()
+                except Exception as e:      # the run would hang: say why
+                    self.log(f"ERROR: could not drain the job ({e}); stop it with `freshet stop --drain`")
                 return
 
     def stop(self) -> None:

@@ -121,10 +121,11 @@ def test_the_job_crosses_into_python_only_where_it_must(cfg):
     assert len(python) == 1 and "PythonCorrelate(invocation=[parse_event(" in python[0], python
 
 
-def test_at_parallelism_two_each_shard_is_its_own_model_and_every_user_window_gets_one_list(topics_cfg):
-    """flink.parallelism 2: users split into two model shards, one per subtask, each its own model; the bounded
-    run ends by itself; one list per active (user, window), none twice; one end-of-input metrics record per
-    shard, together scoring every event."""
+def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_gets_one_list(topics_cfg):
+    """flink.parallelism 2: users split into two model shards, one per subtask, whose replicas of the model
+    exchange their changes through the sync topic (each applies the other's); the bounded run ends by itself
+    (drained once both shards saw the end of input); one list per active (user, window), none twice; one
+    end-of-input metrics record per shard, together scoring every event."""
     from freshet.ops.runner import run_job
     cfg = topics_cfg.replace(model={"kind": "bpr"}, flink={"parallelism": 2})
     events = good_events()
@@ -147,6 +148,13 @@ def test_at_parallelism_two_each_shard_is_its_own_model_and_every_user_window_ge
     assert sum(m["live_events"] for m in final) == len(events)
     assert sum(m["recommendations_emitted"] for m in final) == len(got)
     assert sum(m["users"] for m in final) == len(USERS), "each user in exactly one shard's model"
+    sent = {m["shard"]: m["sync_sent"] for m in final}
+    for m in final:      # each replica sent after its calls; it applies only the other's, each delta once (whether
+        other = ({0, 2} - {m["shard"]}).pop()          # one arrives before the last call is a race on 3 windows)
+        assert m["sync_sent"] >= 1 and m["sync_bytes_sent"] > 0, m
+        assert m["sync_applied"] == sum(m["sync_applied_of"].values()) <= sent[other], m
+        assert set(m["sync_applied_of"]) <= {str(other)}, m
+    assert sum(m["items"] for m in final) > len({e["item_id"] for e in events}), "items shared by both replicas"
 
 
 def test_shard_keys_put_one_shard_on_each_subtask_and_do_not_move():
