@@ -93,7 +93,10 @@ class SharedDelta:
             arrays[f"pairs.{name}.first"], arrays[f"pairs.{name}.second"] = first, second
             arrays[f"pairs.{name}.values"] = values
         buf = io.BytesIO()
-        np.savez(buf, **arrays)     # float changes hardly compress; the topic may compress (lz4)
+        # Compressed: 40 % smaller on ML-100K (the ids and item-pair positions compress well). A record crosses
+        # into every subtask in 32 KB network buffers, each read in turn with the windows' input (model calls
+        # included), so its size is what limits how fast the replicas' changes arrive (docs/ARCHITECTURE.md).
+        np.savez_compressed(buf, **arrays)
         return buf.getvalue()
 
     @classmethod

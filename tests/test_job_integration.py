@@ -127,7 +127,7 @@ def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_ge
     (drained once both shards saw the end of input); one list per active (user, window), none twice; one
     end-of-input metrics record per shard, together scoring every event."""
     from freshet.ops.runner import run_job
-    cfg = topics_cfg.replace(model={"kind": "bpr"}, flink={"parallelism": 2})
+    cfg = topics_cfg.replace(model={"kind": "bpr"}, flink={"parallelism": 2, "replica_sync": True})
     events = good_events()
     prod = kafka_io.producer(cfg)
     report = kafka_io.DeliveryReport()

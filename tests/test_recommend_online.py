@@ -238,7 +238,7 @@ class FakeSyncContext(FakeContext):
 
 def synced_cfg(cfg, **flink):
     return cfg.replace(model={"kind": "bpr", "dim": 8, "negatives": 4, "batch_size": 4, "initial_capacity": 64},
-                       flink={"parallelism": 2, "model_snapshot_interval_ms": 3_600_000, **flink})
+                       flink={"parallelism": 2, "replica_sync": True, "model_snapshot_interval_ms": 3_600_000, **flink})
 
 
 class Subtask:

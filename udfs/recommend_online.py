@@ -440,11 +440,20 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
     def open(self, runtime_context):
         super().open(runtime_context)
         self.pruned: dict[int, int] = {}     # sender -> the inbox holds none of its deltas up to this one
+        self.received = 0                    # sync records that reached this subtask (its own included)
+        self.arrival_lag_ms: list[float] = []     # sent -> reached this subtask, since the last metrics record
+
+    def _metrics(self, shard: Shard, watermark: int) -> dict:
+        lag, self.arrival_lag_ms = self.arrival_lag_ms, []
+        return {**super()._metrics(shard, watermark), "sync_received": self.received,
+                "sync_arrival_lag_ms_max": round(max(lag), 1) if lag else None}
 
     def process_broadcast_element(self, value, ctx):
         """A sync record from any replica (this subtask's own included): another's goes into the inbox unless
         applied already (a copy: the topic is at least once); deltas the snapshot holds are dropped."""
-        sender, seq, _ = ReplicaState.head(value)
+        sender, seq, sent_at = ReplicaState.head(value)
+        self.received += 1
+        self.arrival_lag_ms.append(time.time() * 1000 - sent_at)
         inbox = ctx.get_broadcast_state(SYNC_INBOX)
         applied = [s.sync.applied.get(sender, 0) for s in self.shards.values() if s.sync is not None]
         key = ReplicaState.inbox_key(sender, seq)
