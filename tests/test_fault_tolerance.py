@@ -84,22 +84,36 @@ def score(cfg, df) -> dict:
     return {"recs": recs, "dead": dead, "metrics": metrics, "hr": hr}
 
 
-def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 300) -> None:
+def submit_for_fault(cluster, cfg, name, tmp, attempts: int = 3) -> tuple:
+    """Submit a run and wait until a fault can be injected mid-replay (:func:`wait_for_progress`); returns
+    (its config, its job id). A replay that ran to its end first (the whole of ML-100K takes ~20 s, and how
+    far a checkpoint gets before the end varies with the machine's load) is run again, in fresh topics."""
+    for attempt in range(1, attempts + 1):
+        run = run_cfg(cfg, name if attempt == 1 else f"{name}-{attempt}")
+        job = submit(cluster, run, tmp)
+        if wait_for_progress(cluster, job, run):
+            return run, job
+        print(f"\n{name}: attempt {attempt} finished before the fault could be injected; running it again")
+    pytest.fail(f"the job finished before the fault could be injected, {attempts} times")
+
+
+def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 300) -> bool:
     """Until lists are being written (mid-replay) and a checkpoint completed after the first ones were, so
     the latest checkpoint holds model calls (the first call compiles the model's XLA program, and checkpoints
-    taken before it completes hold no calls to replay); at least ``checkpoints`` checkpoints in all."""
+    taken before it completes hold no calls to replay); at least ``checkpoints`` checkpoints in all.
+    False if the job finished first."""
     deadline = time.monotonic() + timeout
     needed = None
     while time.monotonic() < deadline:
         if cluster.job_state(job) == "FINISHED":
-            pytest.fail("the job finished before the fault could be injected")
+            return False
         done = cluster.checkpoints(job).get("counts", {}).get("completed", 0)
         # Early in the replay (ML-100K writes ~32,000 lists in ~28 model calls): with checkpoints every 3 s and
         # a 2,000-list mark, fast runs finished before the fault could be injected.
         if needed is None and sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values()) > 300:
             needed = max(checkpoints, done + 1)
         if needed is not None and done >= needed:
-            return
+            return True
         time.sleep(0.5)
     pytest.fail("no progress before the fault")
 
@@ -116,9 +130,7 @@ def check_recovered_run(result, reference, df, window_ms, rel=0.02):
 
 def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_df):
     cfg, cluster, tmp, reference = setup
-    run = run_cfg(cfg, "kill9")
-    job = submit(cluster, run, tmp)
-    wait_for_progress(cluster, job, run)
+    run, job = submit_for_fault(cluster, cfg, "kill9", tmp)
     taskmanagers = cluster.pids().get("taskexecutor", [])
     assert taskmanagers, "no TaskManager process found"
     killed_at = time.time()
@@ -143,9 +155,7 @@ def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_d
 
 def test_broker_restart_mid_replay_loses_and_duplicates_nothing(setup, kafka, log_df):
     cfg, cluster, tmp, reference = setup
-    run = run_cfg(cfg, "broker")
-    job = submit(cluster, run, tmp)
-    wait_for_progress(cluster, job, run)
+    run, job = submit_for_fault(cluster, cfg, "broker", tmp)
     broker = LocalKafka(cfg)
     broker.stop()
     time.sleep(3)
