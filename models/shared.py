@@ -257,11 +257,6 @@ class ReplicaState:
         """A delta's key where it waits to be applied (zero-padded: the keys sort in sequence)."""
         return f"{sender}:{seq:012d}"
 
-    @staticmethod
-    def inbox_entry(key: str) -> tuple[int, int]:
-        sender, seq = key.split(":")
-        return int(sender), int(seq)
-
     def to_text(self) -> str:
         return json.dumps({"own": self.own, "sent": self.sent, "unsent_events": self.unsent_events,
                            "applied": {str(k): v for k, v in sorted(self.applied.items())}})

@@ -294,7 +294,7 @@ def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_onc
         s.receive(more)
     assert list(a.inbox.map) == ["2:000000000002"] and list(b.inbox.map) == ["0:000000000002"]
     for s in (a, b):                            # what a replica does before its next call
-        s.fn._apply_inbox(s.fn.shards[s.key], s.ctx)
+        s.fn._replica_before_call(s.fn.shards[s.key], s.ctx)
     assert a.fn.shards[0].sync.applied == {2: 2} and b.fn.shards[2].sync.applied == {0: 2}
     metrics = a.fn._metrics(a.fn.shards[0], 130000)
     assert metrics["sync_applied"] == 2 and metrics["sync_sent"] == 2 and metrics["sync_bytes_sent"] > 0

@@ -128,7 +128,6 @@ class Shard:
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
         self.live = LiveHitRate(k)
-        self.end_armed = False            # a replica's end-of-input timer is registered
         self.logged_calls = 0             # calls in the flush log (since the last snapshot)
         self.sync: ReplicaState | None = None       # parallelism > 1: this replica's place in the exchange
         self.sync_bytes = self.sync_applied = 0     # since (re)start: sent, and deltas applied
@@ -170,14 +169,6 @@ class RecommendOnline(KeyedProcessFunction):
         # mode that enters this operator's Python interpreter from a foreign thread while the task thread
         # is in it, which crashes the TaskManager (SIGSEGV in libpython's frame stack).
         self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
-        self.sync_on = replica_sync_on(self.cfg)
-        if self.sync_on:
-            # The replica's ReplicaState as of the snapshot (JSON), and what it did since, in order with the
-            # flush log's calls: "apply <call> <sender> <seq>" (before that call), "send <call>" (after it).
-            self.sync_meta = runtime_context.get_list_state(ListStateDescriptor("sync", Types.STRING()))
-            self.sync_log = runtime_context.get_list_state(ListStateDescriptor("sync_log", Types.STRING()))
-        # sender -> the last of its deltas that this subtask's snapshot holds: the inbox can drop them
-        self.prunable: dict[int, int] = {}
 
     # ---- state -----------------------------------------------------------------------------------
     def _shard(self, key: int, ctx=None) -> Shard:
@@ -192,47 +183,20 @@ class RecommendOnline(KeyedProcessFunction):
                  else self.fresh or build_model(self.cfg))
         self.fresh = None
         shard = self.shards[key] = Shard(key, model, self.cfg.model.k)
-        sync_steps: dict[int, list[list[str]]] = {}
-        if self.sync_on:
-            model.start_sync()      # its base: the snapshot, which is always taken right after a send
-            meta = next(iter(self.sync_meta.get() or []), None)
-            shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=key)
-            self.prunable = dict(shard.sync.applied)
-            for entry in (self.sync_log.get() or []):
-                step = entry.split()
-                sync_steps.setdefault(int(step[1]), []).append(step)
+        sync_steps = self._replica_restored(shard, ctx)
         for entry in (self.log.get() or []):
             self._add_window(shard, *log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
         for call, upto in enumerate(boundaries):  # re-learn exactly the calls made before the checkpoint, emit nothing
-            self._redo_sync(shard, sync_steps.get(call, ()), ctx)
+            self._replica_redo(shard, sync_steps.get(call, ()), ctx)
             closed = self._close(shard, upto - 1)
             model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
             shard.restored_windows += len(closed)
-            if shard.sync is not None:
-                shard.sync.unsent_events += _events(closed)
-        self._redo_sync(shard, sync_steps.get(len(boundaries), ()), ctx)
+            self._replica_learned(shard, closed)
+        self._replica_redo(shard, sync_steps.get(len(boundaries), ()), ctx)
         shard.logged_calls = len(boundaries)
         shard.restored_version = model.version   # 0 unless a checkpoint held a model or logged calls
         return shard
-
-    def _redo_sync(self, shard: Shard, steps, ctx) -> None:
-        """Re-do a replica's logged sync steps: apply the same deltas (still in the inbox: it keeps what the
-        snapshot does not hold) and export again where it sent (the export moves its base; the record went
-        out before the checkpoint)."""
-        for step in steps:
-            if step[0] == "apply":
-                sender, seq = int(step[2]), int(step[3])
-                text = ctx.get_broadcast_state(SYNC_INBOX).get(ReplicaState.inbox_key(sender, seq))
-                if text is None:
-                    raise RuntimeError(f"restore of model shard {shard.key}: delta {seq} of replica {sender} is "
-                                       "logged as applied but missing from the sync inbox")
-                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
-                shard.sync.applied[sender] = seq
-            else:
-                if not shard.model.export_shared().empty:
-                    shard.sync.sent += 1
-                shard.sync.unsent_events = 0
 
     def _add_window(self, shard: Shard, window_end: int, closed_at: int, quads: str) -> None:
         for inc in Increment.window_from_quads(window_end, quads, self.cfg.window.max_items_per_increment,
@@ -249,13 +213,8 @@ class RecommendOnline(KeyedProcessFunction):
     def _snapshot_if_due(self, shard: Shard) -> None:
         if time.monotonic() - shard.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
             return
-        if shard.sync is not None:
-            if shard.sync.unsent_events:      # a replica's snapshot is taken right after it sent (its sync base)
-                return
-            self.sync_meta.clear()
-            self.sync_meta.add(shard.sync.to_text())
-            self.sync_log.clear()
-            self.prunable = dict(shard.sync.applied)
+        if not self._replica_snapshot(shard):
+            return
         shard.logged_calls = 0
         self.model_state.clear()
         self.model_state.add(base64.b64encode(shard.model.to_bytes()).decode("ascii"))
@@ -272,11 +231,6 @@ class RecommendOnline(KeyedProcessFunction):
             yield Row("dlq", None, body, None)
             return
         shard = self._shard(key, ctx)     # the row's shard is its key: no call into the JVM per row for it
-        if shard.sync is not None and not shard.end_armed:
-            # The end of a bounded input reaches a replica only as the watermark's end (the sync input is idle
-            # by then), after its last windows were listed: this timer reports it (the run's drain waits on it).
-            ctx.timer_service().register_event_time_timer(END_OF_INPUT - 1)
-            shard.end_armed = True
         self._add_window(shard, window_end, closed_at, body)
         self.log.add(log_entry(window_end, closed_at, body))
         self._arm(shard, ctx, window_end)
@@ -301,16 +255,14 @@ class RecommendOnline(KeyedProcessFunction):
         closed = self._close(shard, max(timestamp, watermark))
         if closed:  # else another timer for the same windows already flushed them
             started = time.perf_counter()
-            if shard.sync is not None:
-                self._apply_inbox(shard, ctx)
+            self._replica_before_call(shard, ctx)
             lists = shard.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
                                               self.cfg.model.exclude_seen)
             self.flush_log.add(closed[-1][0])
             shard.logged_calls += 1
-            if shard.sync is not None:
-                record = self._send_if_due(shard, closed)
-                if record is not None:
-                    yield Row("sync", str(shard.key), record, None)
+            record = self._replica_after_call(shard, closed)
+            if record is not None:
+                yield Row("sync", str(shard.key), record, None)
             shard.last_call_ms = (time.perf_counter() - started) * 1000
             shard.model_call_seconds += shard.last_call_ms / 1000
             self.flushes.inc()
@@ -328,38 +280,27 @@ class RecommendOnline(KeyedProcessFunction):
             yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
                       None)
 
-    # ---- one model across replicas (parallelism > 1) ---------------------------------------------
-    def _apply_inbox(self, shard: Shard, ctx) -> None:
-        """Before a call: every other replica's deltas waiting in the inbox, each sender's in sequence from the
-        one after its last applied (a gap waits for the missing one), logged for a restore."""
-        inbox = ctx.get_broadcast_state(SYNC_INBOX)    # read-only here: get and contains (PyFlink's keys() fails)
-        now = time.time() * 1000
-        for sender in self.senders:
-            if sender == shard.key:
-                continue
-            seq = shard.sync.applied.get(sender, 0) + 1
-            while (text := inbox.get(ReplicaState.inbox_key(sender, seq))) is not None:
-                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
-                shard.sync.applied[sender] = seq
-                self.sync_log.add(f"apply {shard.logged_calls} {sender} {seq}")
-                shard.sync_applied += 1
-                shard.sync_lag_ms.append(now - ReplicaState.head(text)[2])
-                seq += 1
+    # ---- hooks where a replica of one model does more (RecommendOnlineSynced); a lone model does nothing --
+    def _replica_restored(self, shard: Shard, ctx) -> dict:
+        """A shard was loaded: its logged sync steps by call (none)."""
+        return {}
 
-    def _send_if_due(self, shard: Shard, closed) -> str | None:
-        """After a call: this replica's changes since it last sent, once it has learned
-        ``flink.replica_sync_events`` events since (a sync record; None when not due or nothing changed)."""
-        shard.sync.unsent_events += _events(closed)
-        if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
-            return None
-        self.sync_log.add(f"send {shard.logged_calls}")
-        shard.sync.unsent_events = 0
-        delta = shard.model.export_shared()
-        if delta.empty:
-            return None
-        record = shard.sync.record(delta.to_bytes(), time.time() * 1000)
-        shard.sync_bytes += len(record)
-        return record
+    def _replica_redo(self, shard: Shard, steps, ctx) -> None:
+        """Re-do logged sync steps on restore (none)."""
+
+    def _replica_learned(self, shard: Shard, closed) -> None:
+        """A call learned ``closed`` (also when re-learned on restore)."""
+
+    def _replica_before_call(self, shard: Shard, ctx) -> None:
+        """Before a model call."""
+
+    def _replica_after_call(self, shard: Shard, closed) -> str | None:
+        """After a model call: a sync record to send, if any."""
+        return None
+
+    def _replica_snapshot(self, shard: Shard) -> bool:
+        """Whether a due snapshot may be taken now (always), after writing what the replica keeps with it."""
+        return True
 
     def _publish_levels(self, shard: Shard) -> None:
         """The operator's levels, from the shard that made the last call."""
@@ -400,18 +341,8 @@ class RecommendOnline(KeyedProcessFunction):
                 "model_call_seconds": round(shard.model_call_seconds, 2),
                 "model_version": model.version, "users": model.n_users, "items": model.n_items,
                 "restored_windows": shard.restored_windows, "restored_model_version": shard.restored_version,
-                "shards_on_subtask": len(self.shards),     # > 1: Flink put several shards on this subtask
-                **(self._sync_metrics(shard) if shard.sync is not None else {})}
+                "shards_on_subtask": len(self.shards)}     # > 1: Flink put several shards on this subtask
 
-    @staticmethod
-    def _sync_metrics(shard: Shard) -> dict:
-        """A replica's exchange: deltas sent (and bytes) and applied since (re)start; sent -> applied lag of
-        those applied since the last record (ms, mean and max)."""
-        lag, shard.sync_lag_ms = shard.sync_lag_ms, []
-        return {"sync_sent": shard.sync.sent, "sync_bytes_sent": shard.sync_bytes,
-                "sync_applied": shard.sync_applied, "sync_applied_of": dict(sorted(shard.sync.applied.items())),
-                "sync_lag_ms_mean": round(sum(lag) / len(lag), 1) if lag else None,
-                "sync_lag_ms_max": round(max(lag), 1) if lag else None}
 
 
 def _events(closed) -> int:
@@ -439,14 +370,106 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
 
     def open(self, runtime_context):
         super().open(runtime_context)
+        # The replica's ReplicaState as of the snapshot (JSON), and what it did since, in order with the
+        # flush log's calls: "apply <call> <sender> <seq>" (before that call), "send <call>" (after it).
+        self.sync_meta = runtime_context.get_list_state(ListStateDescriptor("sync", Types.STRING()))
+        self.sync_log = runtime_context.get_list_state(ListStateDescriptor("sync_log", Types.STRING()))
+        self.prunable: dict[int, int] = {}   # sender -> the last of its deltas this subtask's snapshot holds
         self.pruned: dict[int, int] = {}     # sender -> the inbox holds none of its deltas up to this one
         self.received = 0                    # sync records that reached this subtask (its own included)
         self.arrival_lag_ms: list[float] = []     # sent -> reached this subtask, since the last metrics record
 
+    # ---- the replica's part of restore, calls and snapshots (hooks of RecommendOnline) -------------
+    def _replica_restored(self, shard: Shard, ctx) -> dict:
+        """Start the sync from the loaded model (a snapshot is always taken right after a send, so it is the
+        base), with the ReplicaState kept beside it; its logged steps by call. Also arms the timer that reports
+        a bounded input's end: it reaches a replica only as the watermark's end (the sync input is idle by
+        then), after its last windows were listed, and the run's drain waits for that report."""
+        shard.model.start_sync()
+        meta = next(iter(self.sync_meta.get() or []), None)
+        shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key)
+        self.prunable = dict(shard.sync.applied)
+        ctx.timer_service().register_event_time_timer(END_OF_INPUT - 1)
+        steps: dict[int, list[list[str]]] = {}
+        for entry in (self.sync_log.get() or []):
+            step = entry.split()
+            steps.setdefault(int(step[1]), []).append(step)
+        return steps
+
+    def _replica_redo(self, shard: Shard, steps, ctx) -> None:
+        """Re-do a replica's logged sync steps: apply the same deltas (still in the inbox: it keeps what the
+        snapshot does not hold) and export again where it sent (the export moves its base; the record went
+        out before the checkpoint)."""
+        for step in steps:
+            if step[0] == "apply":
+                sender, seq = int(step[2]), int(step[3])
+                text = ctx.get_broadcast_state(SYNC_INBOX).get(ReplicaState.inbox_key(sender, seq))
+                if text is None:
+                    raise RuntimeError(f"restore of model shard {shard.key}: delta {seq} of replica {sender} is "
+                                       "logged as applied but missing from the sync inbox")
+                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
+                shard.sync.applied[sender] = seq
+            else:
+                if not shard.model.export_shared().empty:
+                    shard.sync.sent += 1
+                shard.sync.unsent_events = 0
+
+    def _replica_learned(self, shard: Shard, closed) -> None:
+        shard.sync.unsent_events += _events(closed)
+
+    def _replica_before_call(self, shard: Shard, ctx) -> None:
+        """Every other replica's deltas waiting in the inbox, each sender's in sequence from the one after its
+        last applied (a gap waits for the missing one), logged for a restore."""
+        inbox = ctx.get_broadcast_state(SYNC_INBOX)    # read-only here: get and contains (PyFlink's keys() fails)
+        now = time.time() * 1000
+        for sender in self.senders:
+            if sender == shard.key:
+                continue
+            seq = shard.sync.applied.get(sender, 0) + 1
+            while (text := inbox.get(ReplicaState.inbox_key(sender, seq))) is not None:
+                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
+                shard.sync.applied[sender] = seq
+                self.sync_log.add(f"apply {shard.logged_calls} {sender} {seq}")
+                shard.sync_applied += 1
+                shard.sync_lag_ms.append(now - ReplicaState.head(text)[2])
+                seq += 1
+
+    def _replica_after_call(self, shard: Shard, closed) -> str | None:
+        """This replica's changes since it last sent, once it has learned ``flink.replica_sync_events`` events
+        since (a sync record; None when not due or nothing changed)."""
+        self._replica_learned(shard, closed)
+        if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
+            return None
+        self.sync_log.add(f"send {shard.logged_calls}")
+        shard.sync.unsent_events = 0
+        delta = shard.model.export_shared()
+        if delta.empty:
+            return None
+        record = shard.sync.record(delta.to_bytes(), time.time() * 1000)
+        shard.sync_bytes += len(record)
+        return record
+
+    def _replica_snapshot(self, shard: Shard) -> bool:
+        """Only right after a send (the sync base is then the model), with the ReplicaState beside it."""
+        if shard.sync.unsent_events:
+            return False
+        self.sync_meta.clear()
+        self.sync_meta.add(shard.sync.to_text())
+        self.sync_log.clear()
+        self.prunable = dict(shard.sync.applied)
+        return True
+
     def _metrics(self, shard: Shard, watermark: int) -> dict:
-        lag, self.arrival_lag_ms = self.arrival_lag_ms, []
-        return {**super()._metrics(shard, watermark), "sync_received": self.received,
-                "sync_arrival_lag_ms_max": round(max(lag), 1) if lag else None}
+        """Adds the exchange: deltas sent (and bytes) and applied since (re)start, per sender; the send -> apply
+        lag of those applied, and the send -> arrival lag of records received, since the last record (ms)."""
+        lag, shard.sync_lag_ms = shard.sync_lag_ms, []
+        arrived, self.arrival_lag_ms = self.arrival_lag_ms, []
+        return {**super()._metrics(shard, watermark),
+                "sync_sent": shard.sync.sent, "sync_bytes_sent": shard.sync_bytes,
+                "sync_applied": shard.sync_applied, "sync_applied_of": dict(sorted(shard.sync.applied.items())),
+                "sync_lag_ms_mean": round(sum(lag) / len(lag), 1) if lag else None,
+                "sync_lag_ms_max": round(max(lag), 1) if lag else None,
+                "sync_received": self.received, "sync_arrival_lag_ms_max": round(max(arrived), 1) if arrived else None}
 
     def process_broadcast_element(self, value, ctx):
         """A sync record from any replica (this subtask's own included): another's goes into the inbox unless
