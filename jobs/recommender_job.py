@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from pyflink.common import Configuration, Duration, WatermarkStrategy
-from pyflink.common.serialization import SimpleStringSchema
+from pyflink.common import Configuration
 from pyflink.common.typeinfo import Types
 from pyflink.datastream import DataStream, KeyedStream, StreamExecutionEnvironment
-from pyflink.datastream.connectors.kafka import KafkaOffsetsInitializer, KafkaSource
 from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 
@@ -25,8 +22,8 @@ from freshet.jobs import tables
 from freshet.ops import processes, savepoints, vendor
 from freshet.ops.python_workers import worker_environment
 from freshet.udfs.parse_events import RESULT_NAMES as PARSED_COLUMNS, parse_event_function
-from freshet.udfs.recommend_online import (INPUT_TYPE, OUTPUT_TYPE, SYNC_INBOX, RecommendOnline,
-                                           RecommendOnlineSynced, replica_sync_on)
+from freshet.udfs.recommend_online import (INPUT_TYPE, OUTPUT_TYPE, RecommendOnline, RecommendOnlineSynced,
+                                           replica_sync_on)
 
 JOB_NAME = "freshet-recommender"
 
@@ -143,22 +140,6 @@ def shard_keys(parallelism: int, max_parallelism: int) -> list[int]:
     return [keys[j] for j in range(parallelism)]
 
 
-def sync_stream(env: StreamExecutionEnvironment, cfg: Config) -> DataStream:
-    """Every model replica's sync records, read back from ``kafka.sync_topic`` (parallelism > 1).
-
-    ``read_uncommitted``, from the end of the topic at a fresh start (a restore starts from the checkpoint's
-    offsets): a replica applies another's delta within milliseconds of the send, not a checkpoint later. Its
-    event time is the records' Kafka timestamps (wall-clock time of the send) and it goes idle after a second
-    without records, so it never holds back the windows' watermark at the model operator.
-    """
-    props = {**cfg.kafka.client_properties(), "isolation.level": "read_uncommitted"}
-    source = (KafkaSource.builder().set_properties(props).set_topics(cfg.kafka.sync_topic)
-              .set_group_id(f"{cfg.kafka.group_id}-sync").set_starting_offsets(KafkaOffsetsInitializer.latest())
-              .set_value_only_deserializer(SimpleStringSchema()).build())
-    watermarks = WatermarkStrategy.for_monotonous_timestamps().with_idleness(Duration.of_seconds(1))
-    return env.from_source(source, watermarks, "model-sync-source").uid("model-sync-source")
-
-
 def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StreamTableEnvironment:
     """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks."""
     t_env = StreamTableEnvironment.create(env)
@@ -189,11 +170,11 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # -> keyed by model shard (one model per subtask, its state in Flink checkpoints): micro-batched
     #    online learning, top-K per active user when the window closes, live-metrics records.
     #    At parallelism > 1 the replicas learn as one model: each one's changes of the shared variables go to
-    #    the sync topic and come back to every subtask as a broadcast stream (RecommendOnlineSynced).
+    #    the sync topic (a 'sync' row), which every replica reads itself before each call (RecommendOnlineSynced).
     keyed = _keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
     if replica_sync_on(cfg):
-        keyed = keyed.connect(sync_stream(env, cfg).broadcast(SYNC_INBOX))
-        model_output = keyed.process(RecommendOnlineSynced(cfg, keys), output_type=OUTPUT_TYPE)
+        model_output = keyed.process(RecommendOnlineSynced(cfg, since_ms=int(time.time() * 1000)),
+                                     output_type=OUTPUT_TYPE)
     else:
         model_output = keyed.process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)
     model_output = model_output.name("recommend-online").uid("recommend-online")
@@ -242,13 +223,6 @@ def prepare_local_runtime(cfg: Config) -> None:
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir.resolve()))
 
 
-def _stop_with_drain(client, target: Path) -> None:
-    """Flink's stop-with-savepoint with end of event time (PyFlink's ``stop_with_savepoint`` misses the format
-    argument that Flink 2's JobClient requires)."""
-    formats = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType
-    client._j_job_client.stopWithSavepoint(True, target.resolve().as_uri(), formats.CANONICAL).get()
-
-
 def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str | None = None,
         wait: bool = True) -> None:
     """Build and execute the job on the environment Flink gives us (local runtime, or the cluster's).
@@ -273,24 +247,11 @@ def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str
     if not wait:      # `flink run -d`: execute() hands the job to the cluster and returns
         savepoints.record_job(cfg, str(env.execute(JOB_NAME).get_job_id()), bounded)
         return
-    started_ms = int(time.time() * 1000)
     client = env.execute_async(JOB_NAME)
     job_id = str(client.get_job_id())
     savepoints.record_job(cfg, job_id, bounded)
     print(f"job {job_id} started", file=sys.stderr, flush=True)
-    drain = None
-    if bounded and replica_sync_on(cfg):     # the sync source never ends: drain once every shard's input has
-        from freshet.ops.runner import DrainAtEndOfInput
-        target = savepoints.savepoint_dir(cfg) / f"drained-{job_id}"
-        drain = DrainAtEndOfInput(cfg, lambda: _stop_with_drain(client, target), started_ms,
-                                  log=lambda line: print(line, file=sys.stderr, flush=True))
-        drain.start()
-    try:
-        client.get_job_execution_result().result()
-    finally:
-        if drain is not None:
-            drain.stop()
-            shutil.rmtree(target, ignore_errors=True)    # the savepoint of a drained run: nothing to resume
+    client.get_job_execution_result().result()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -219,53 +219,119 @@ class SyncBase:
             base[[r for r in rows if r < len(base)]] = v.fill
 
 
+class SyncRecord(NamedTuple):
+    """One delta of a replica as it travels on the sync topic, one text record:
+    ``<run> <sender> <seq> <sent_at ms> <upto> <base64 of the npz>``. ``run``: the exchange it belongs to
+    (replicas started from scratch together share one); ``upto``: the last ``window_end`` the sender had
+    learned, so the delta holds events before it only."""
+    run: str
+    sender: int
+    seq: int
+    sent_at: int
+    upto: int
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "SyncRecord":
+        run, sender, seq, sent_at, upto, _ = text.split(" ", 5)
+        return cls(run, int(sender), int(seq), int(sent_at), int(upto), text)
+
+    def payload(self) -> bytes:
+        return base64.b64decode(self.text.split(" ", 5)[5])
+
+
 @dataclass
 class ReplicaState:
     """A replica's place in the exchange, kept with its model snapshot: its own key (the sender name of its
-    deltas), how many deltas it sent, the last it applied of every other replica's (they apply in sequence,
-    each once), and the events it learned since it last sent.
+    deltas), its exchange (``run``), how many deltas it sent, the last it applied of every other replica's
+    (they apply in sequence, each once), the events it learned since it last sent, and where its reading of
+    the sync topic goes on (partition -> offset: no delta it has not applied lies before).
 
-    A delta travels as one text record, ``<sender> <seq> <sent_at ms> <base64 of the npz>``:
-
-    >>> r = ReplicaState(own=2); text = r.record(b"npz", 1000); r.sent, ReplicaState.head(text)
-    (1, (2, 1, 1000))
-    >>> ReplicaState.payload(text), ReplicaState.inbox_key(2, 1), ReplicaState.from_text(r.to_text()) == r
-    (b'npz', '2:000000000001', True)
+    >>> r = ReplicaState(own=2, run="r1"); rec = SyncRecord.parse(r.record(b"npz", 1000, upto=60000))
+    >>> r.sent, rec.sender, rec.seq, rec.sent_at, rec.upto, rec.payload()
+    (1, 2, 1, 1000, 60000, b'npz')
+    >>> ReplicaState.from_text(r.to_text()) == r
+    True
     """
     own: int
+    run: str = ""
     sent: int = 0
     applied: dict[int, int] = field(default_factory=dict)
     unsent_events: int = 0
+    positions: dict[int, int] = field(default_factory=dict)
 
-    def record(self, delta: bytes, now_ms: int) -> str:
+    def record(self, delta: bytes, now_ms: int, upto: int) -> str:
         """The next delta of this replica as a sync record (numbered in sequence from 1)."""
         self.sent += 1
-        return f"{self.own} {self.sent} {int(now_ms)} {base64.b64encode(delta).decode('ascii')}"
-
-    @staticmethod
-    def head(text: str) -> tuple[int, int, int]:
-        """(sender, sequence number, sent at) of a sync record."""
-        sender, seq, sent_at, _ = text.split(" ", 3)
-        return int(sender), int(seq), int(sent_at)
-
-    @staticmethod
-    def payload(text: str) -> bytes:
-        return base64.b64decode(text.split(" ", 3)[3])
-
-    @staticmethod
-    def inbox_key(sender: int, seq: int) -> str:
-        """A delta's key where it waits to be applied (zero-padded: the keys sort in sequence)."""
-        return f"{sender}:{seq:012d}"
+        return f"{self.run} {self.own} {self.sent} {int(now_ms)} {int(upto)} {base64.b64encode(delta).decode('ascii')}"
 
     def to_text(self) -> str:
-        return json.dumps({"own": self.own, "sent": self.sent, "unsent_events": self.unsent_events,
-                           "applied": {str(k): v for k, v in sorted(self.applied.items())}})
+        return json.dumps({"own": self.own, "run": self.run, "sent": self.sent, "unsent_events": self.unsent_events,
+                           "applied": {str(k): v for k, v in sorted(self.applied.items())},
+                           "positions": {str(k): v for k, v in sorted(self.positions.items())}})
 
     @classmethod
     def from_text(cls, text: str) -> "ReplicaState":
         d = json.loads(text)
-        return cls(int(d["own"]), int(d["sent"]), {int(k): int(v) for k, v in d["applied"].items()},
-                   int(d.get("unsent_events", 0)))
+        return cls(int(d["own"]), str(d.get("run", "")), int(d["sent"]),
+                   {int(k): int(v) for k, v in d["applied"].items()}, int(d.get("unsent_events", 0)),
+                   {int(k): int(v) for k, v in d.get("positions", {}).items()})
+
+
+class SyncInbox:
+    """Other replicas' deltas read from the sync topic and not yet applied by one replica (``state``).
+
+    A record joins once: not the replica's own, of its exchange, above what it applied. :meth:`due` hands out
+    each sender's deltas in sequence (a gap waits for the missing one) whose events all precede the window
+    the replica lists next, so a list never reflects another replica's events after its ``window_end``
+    however far ahead that replica is in event time.
+
+    >>> state = ReplicaState(own=1, run="r"); inbox = SyncInbox(state)
+    >>> other = ReplicaState(own=2, run="r"); texts = [other.record(b"d", 0, upto) for upto in (60, 120)]
+    >>> [inbox.add(0, offset, t).seq for offset, t in enumerate(texts)], inbox.add(0, 2, texts[0])
+    ([1, 2], None)
+    >>> [r.seq for r in inbox.due(before=60)], state.applied, inbox.positions({0: 3})
+    ([1], {2: 1}, {0: 1})
+    """
+
+    def __init__(self, state: ReplicaState):
+        self.state = state
+        self.waiting: dict[tuple[int, int], tuple[int, int, SyncRecord]] = {}   # (sender, seq) -> (partition, offset, record)
+
+    def add(self, partition: int, offset: int, text: str) -> SyncRecord | None:
+        """Keep a record read at ``partition``/``offset`` (returned) unless it is not for this replica or a copy."""
+        rec = SyncRecord.parse(text)
+        key = (rec.sender, rec.seq)
+        if (rec.run != self.state.run or rec.sender == self.state.own or key in self.waiting
+                or rec.seq <= self.state.applied.get(rec.sender, 0)):
+            return None
+        self.waiting[key] = (partition, offset, rec)
+        return rec
+
+    def due(self, before: int):
+        """Each sender's next deltas in sequence with ``upto <= before``, marked applied as they are handed out."""
+        for sender in sorted({s for s, _ in self.waiting}):
+            seq = self.state.applied.get(sender, 0) + 1
+            while (entry := self.waiting.get((sender, seq))) is not None and entry[2].upto <= before:
+                del self.waiting[(sender, seq)]
+                self.state.applied[sender] = seq
+                yield entry[2]
+                seq += 1
+
+    def take(self, sender: int, seq: int) -> SyncRecord | None:
+        """A given delta (a restore re-applying what its log says), marked applied."""
+        entry = self.waiting.pop((sender, seq), None)
+        if entry is not None:
+            self.state.applied[sender] = seq
+        return entry and entry[2]
+
+    def positions(self, read: dict[int, int]) -> dict[int, int]:
+        """Where to read again to see every delta not applied yet: ``read`` (partition -> offset after the last
+        record read), moved back to the first record still waiting."""
+        out = dict(read)
+        for partition, offset, _ in self.waiting.values():
+            out[partition] = min(out.get(partition, offset), offset)
+        return out
 
 
 def _side(n: int) -> int:

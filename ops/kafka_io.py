@@ -225,3 +225,67 @@ def flush_or_fail(prod: Producer, report: DeliveryReport | None = None, timeout:
         raise RuntimeError(f"{remaining} records were not acknowledged by the broker within {timeout:.0f}s")
     if report is not None and report.failed:
         raise RuntimeError(f"{report.failed} records failed to reach Kafka (first error: {report.first_error})")
+
+
+class SyncFeed:
+    """The model replicas' sync records as one replica reads them (parallelism > 1): straight from
+    ``kafka.sync_topic``, ``read_uncommitted``, beside Flink's inputs.
+
+    The replica polls it before each model call, so another replica's delta is there milliseconds after it
+    was sent, whatever backlog the operator's Flink input holds. (Read back as a second Flink input, the same
+    records reached the model operator 11-31 s late in a replay: docs/ARCHITECTURE.md.) Where it reads is
+    the replica's to keep: :meth:`positions` go into its snapshot and :meth:`start` resumes from them; a
+    fresh start reads from ``since_ms`` (Kafka timestamps), the time the job was built.
+    """
+
+    def __init__(self, cfg: Config, since_ms: int):
+        self.topic, self.since_ms, self.servers = cfg.kafka.sync_topic, int(since_ms), cfg.kafka.bootstrap_servers
+        self.consumer = Consumer({**cfg.kafka.client_properties(), "group.id": f"{cfg.kafka.group_id}-sync",
+                                  "enable.auto.commit": False, "isolation.level": "read_uncommitted",
+                                  "fetch.max.bytes": 96 << 20, "receive.message.max.bytes": 128 << 20,
+                                  "max.partition.fetch.bytes": 64 << 20, "queued.max.messages.kbytes": 256 << 10,
+                                  "fetch.wait.max.ms": 50, "log_level": 3})
+        self.next: dict[int, int] = {}    # partition -> the offset after the last record read
+
+    def start(self, positions: dict[int, int]) -> None:
+        """Read every partition from ``positions`` (partition -> offset), or, for a partition not in it,
+        from the first record at or after ``since_ms``."""
+        meta = self.consumer.list_topics(self.topic, timeout=30)
+        if self.topic not in meta.topics or meta.topics[self.topic].error is not None:
+            raise RuntimeError(f"the sync topic {self.topic!r} does not exist on {self.servers} "
+                               "(`freshet topics` or any `freshet run` creates the job's topics)")
+        partitions = sorted(meta.topics[self.topic].partitions)
+        start = {p: positions[p] for p in partitions if p in positions}
+        missing = [p for p in partitions if p not in start]
+        if missing:
+            found = self.consumer.offsets_for_times([TopicPartition(self.topic, p, self.since_ms) for p in missing],
+                                                    timeout=30)
+            for tp in found:    # -1: no record at or after since_ms yet: the partition's end
+                start[tp.partition] = tp.offset if tp.offset >= 0 else self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, tp.partition), timeout=30, cached=False)[1]
+        self.next = dict(start)
+        self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in sorted(start.items())])
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, int, str]]:
+        """The records that arrived since the last poll, as (partition, offset, text); with ``timeout``, waits
+        that long for the first one."""
+        out: list[tuple[int, int, str]] = []
+        while True:
+            batch = self.consumer.consume(num_messages=500, timeout=timeout)
+            for msg in batch:
+                if msg.error():
+                    if msg.error().code() == -191:  # _PARTITION_EOF
+                        continue
+                    raise KafkaException(msg.error())
+                out.append((msg.partition(), msg.offset(), msg.value().decode("utf-8")))
+                self.next[msg.partition()] = msg.offset() + 1
+            if not batch:
+                return out
+            timeout = 0.0
+
+    def positions(self) -> dict[int, int]:
+        """Partition -> the offset after the last record read (where :meth:`start` would go on)."""
+        return dict(self.next)
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -39,43 +39,6 @@ class TopicProgress(threading.Thread):
         self._halt.set()
 
 
-def ended_shards(cfg: Config, since_ms: int) -> set[int]:
-    """Model shards that reported the end of their input (the end-of-input metrics record) since ``since_ms``.
-    Read uncommitted: the record is a signal, and the drain that follows commits it."""
-    records = kafka_io.read_json(cfg, cfg.kafka.metrics_topic, read_committed=False, idle_timeout=15.0)
-    return {m["shard"] for m in records if m.get("watermark") is None and m.get("emitted_at", 0) >= since_ms}
-
-
-class DrainAtEndOfInput(threading.Thread):
-    """Ends a bounded run whose job cannot end by itself: at parallelism > 1 the model replicas read each
-    other's changes from the sync topic, a source that never ends. Once every model shard has reported
-    the end of its input, ``stop`` drains the job (Flink's stop-with-savepoint with end of event time:
-    the sources stop, the last lists are committed, the job ends FINISHED)."""
-
-    def __init__(self, cfg: Config, stop, since_ms: int, log=print, every_s: float = 2.0):
-        super().__init__(daemon=True)
-        self.cfg, self.stop_job, self.since_ms, self.log, self.every_s = cfg, stop, since_ms, log, every_s
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.every_s):
-            try:
-                ended = ended_shards(self.cfg, self.since_ms)
-            except Exception as e:    # the topic may not have a record yet; try again
-                ended = set()
-                self.log(f"(waiting for the end of input: {e})")
-            if len(ended) >= self.cfg.flink.parallelism:
-                self.log(f"every model shard ({len(ended)}) reached the end of its input: draining the job")
-                try:
-                    self.stop_job()
-                except Exception as e:      # the run would hang: say why
-                    self.log(f"ERROR: could not drain the job ({e}); stop it with `freshet stop --drain`")
-                return
-
-    def stop(self) -> None:
-        self._halt.set()
-
-
 def run_job(cfg: Config, bounded: bool, log=print, from_savepoint: str | None = None) -> float:
     """Run the job on the local Flink runtime, from a savepoint or retained checkpoint if given (``latest``:
     the newest retained checkpoint of any earlier job); returns wall seconds."""

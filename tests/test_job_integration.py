@@ -123,8 +123,8 @@ def test_the_job_crosses_into_python_only_where_it_must(cfg):
 
 def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_gets_one_list(topics_cfg):
     """flink.parallelism 2: users split into two model shards, one per subtask, whose replicas of the model
-    exchange their changes through the sync topic (each applies the other's); the bounded run ends by itself
-    (drained once both shards saw the end of input); one list per active (user, window), none twice; one
+    exchange their changes through the sync topic (each reads it and applies the other's); the bounded run ends
+    by itself (the sync is no Flink input); one list per active (user, window), none twice; one
     end-of-input metrics record per shard, together scoring every event."""
     from freshet.ops.runner import run_job
     cfg = topics_cfg.replace(model={"kind": "bpr"}, flink={"parallelism": 2, "replica_sync": True})

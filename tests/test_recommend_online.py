@@ -76,6 +76,9 @@ class FakeRuntimeContext:
     def get_metrics_group(self):
         return self.metrics
 
+    def get_attempt_number(self):
+        return 0
+
 
 class FakeTimers:
     def __init__(self):
@@ -208,32 +211,42 @@ def test_two_shards_on_one_subtask_stay_two_models_with_their_own_state(cfg):
 
 
 # ---- replicas of one model (parallelism > 1) ----------------------------------------------------------------
-class FakeBroadcastState:
-    """Broadcast state: one map per subtask, as Flink keeps it (readable everywhere, written by the sync side)."""
+class FakeSyncTopic:
+    """The sync topic, one partition: every replica's records in the order they were sent."""
 
     def __init__(self):
-        self.map = {}
-
-    def get(self, key):
-        return self.map.get(key)
-
-    def put(self, key, value):
-        self.map[key] = value
-
-    def contains(self, key):
-        return key in self.map
-
-    def remove(self, key):
-        self.map.pop(key, None)
+        self.records: list[str] = []
 
 
-class FakeSyncContext(FakeContext):
-    def __init__(self, key, runtime, inbox):
-        super().__init__(key, runtime)
-        self.inbox = inbox
+class FakeSyncFeed:
+    """:class:`freshet.ops.kafka_io.SyncFeed` on a :class:`FakeSyncTopic` (``since`` is its beginning)."""
+    topic: FakeSyncTopic = None     # set per test (monkeypatched class attribute)
 
-    def get_broadcast_state(self, descriptor):
-        return self.inbox
+    def __init__(self, cfg, since_ms):
+        self.next = None
+
+    def start(self, positions):
+        self.next = positions.get(0, 0)
+
+    def poll(self, timeout=0.0):
+        out = [(0, offset, text) for offset, text in enumerate(self.topic.records) if offset >= self.next]
+        self.next = len(self.topic.records)
+        return out
+
+    def positions(self):
+        return {} if self.next is None else {0: self.next}
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def sync_topic(monkeypatch):
+    """Replicas built in the test read this topic."""
+    from freshet.ops import kafka_io
+    topic = FakeSyncTopic()
+    monkeypatch.setattr(kafka_io, "SyncFeed", type("Feed", (FakeSyncFeed,), {"topic": topic}))
+    return topic
 
 
 def synced_cfg(cfg, **flink):
@@ -242,14 +255,13 @@ def synced_cfg(cfg, **flink):
 
 
 class Subtask:
-    """One subtask of the synced model operator: its function, keyed state, inbox and context for key ``key``."""
+    """One subtask of the synced model operator: its function, keyed state and context for key ``key``."""
 
-    def __init__(self, cfg, key, runtime=None, inbox=None):
+    def __init__(self, cfg, key, runtime=None):
         from freshet.udfs.recommend_online import RecommendOnlineSynced
         self.key, self.rc = key, runtime or FakeRuntimeContext()
         self.rc.current = key
-        self.inbox = inbox or FakeBroadcastState()
-        self.fn, self.ctx = RecommendOnlineSynced(cfg, [0, 2]), FakeSyncContext(key, self.rc, self.inbox)
+        self.fn, self.ctx = RecommendOnlineSynced(cfg, since_ms=1000), FakeContext(key, self.rc)
         self.fn.open(self.rc)
 
     def window(self, end, quads):
@@ -257,11 +269,7 @@ class Subtask:
 
     def fire(self, watermark):
         self.ctx.timers.watermark = watermark
-        return list(self.fn.on_timer(min(self.ctx.timers.timers), self.ctx.enter()))
-
-    def receive(self, records):
-        for r in records:
-            assert list(self.fn.process_broadcast_element(r, self.ctx)) == []
+        return list(self.fn.on_timer(min(t for t in self.ctx.timers.timers if t <= watermark), self.ctx.enter()))
 
     def shared(self):
         """Item id -> its rows of every shared variable, rounded (float sums of other orders differ in the last bits)."""
@@ -274,39 +282,55 @@ def sync_records(out):
     return [r[2] for r in out if r[0] == "sync"]
 
 
-def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_once(cfg):
-    """Two replicas on their own users: each sends its changes after a call, the other applies them before its
-    next one (a copy arriving twice is applied once, its own records are never applied): shared rows agree.
-    A delta leaves the inbox once the replica's snapshot holds it (snapshots after every call here)."""
+def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_once(cfg, sync_topic):
+    """Two replicas on their own users: each sends its changes after a call, the other reads them from the
+    topic and applies them before its next one (a copy is applied once, its own records never): shared rows
+    agree."""
     job_cfg = synced_cfg(cfg, model_snapshot_interval_ms=0)
     a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
     a.window(60000, [["u1", "x", 1.0, 1], ["u1", "y", 2.0, 1]])
     b.window(60000, [["v1", "y", 1.0, 1], ["v1", "z", 1.0, 1]])
     sent_a, sent_b = sync_records(a.fire(70000)), sync_records(b.fire(70000))
     assert len(sent_a) == len(sent_b) == 1
-    for s in (a, b):                            # the topic: every record reaches every subtask, twice here
-        s.receive(sent_a + sent_b + sent_a)
-    assert list(a.inbox.map) == ["2:000000000001"] and list(b.inbox.map) == ["0:000000000001"]
+    sync_topic.records += sent_a + sent_b + sent_a       # at least once: a copy
     a.window(120000, [["u1", "z", 1.0, 1]])
     b.window(120000, [["v1", "x", 1.0, 1]])
     more = sync_records(a.fire(130000)) + sync_records(b.fire(130000))
-    for s in (a, b):
-        s.receive(more)
-    assert list(a.inbox.map) == ["2:000000000002"] and list(b.inbox.map) == ["0:000000000002"]
+    assert a.fn.shards[0].sync.applied == {2: 1} and b.fn.shards[2].sync.applied == {0: 1}
+    sync_topic.records += more
     for s in (a, b):                            # what a replica does before its next call
-        s.fn._replica_before_call(s.fn.shards[s.key], s.ctx)
+        s.fn._replica_before_call(s.fn.shards[s.key], [(180000, [])])
     assert a.fn.shards[0].sync.applied == {2: 2} and b.fn.shards[2].sync.applied == {0: 2}
     metrics = a.fn._metrics(a.fn.shards[0], 130000)
     assert metrics["sync_applied"] == 2 and metrics["sync_sent"] == 2 and metrics["sync_bytes_sent"] > 0
+    assert metrics["sync_received"] == 2 and metrics["sync_waiting"] == 0
     assert set(a.shared()) == {"x", "y", "z"} and a.shared() == b.shared()     # one model's item side
+
+
+def test_a_replica_applies_no_delta_holding_events_after_the_window_it_lists(cfg, sync_topic):
+    """A replica ahead in event time sends deltas of later windows: one behind keeps them until it lists a window
+    at or after their last one, so no list reflects another replica's events after its window_end."""
+    job_cfg = synced_cfg(cfg)
+    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    b.window(60000, [["v1", "y", 1.0, 1]])
+    b.window(120000, [["v1", "z", 1.0, 1]])
+    sync_topic.records += sync_records(b.fire(130000))          # one delta: windows up to 120000
+    a.window(60000, [["u1", "x", 1.0, 1]])
+    a.fire(70000)
+    assert a.fn.shards[0].sync.applied == {} and len(a.fn.inboxes[0].waiting) == 1
+    assert "z" not in a.fn.shards[0].model.items.ids
+    a.window(120000, [["u1", "y", 1.0, 1]])
+    a.fire(130000)
+    assert a.fn.shards[0].sync.applied == {2: 1} and "z" in a.fn.shards[0].model.items.ids
 
 
 @pytest.mark.parametrize("snapshot_first_call, sync_events", [(False, 0), (True, 0), (True, 3)])
 def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_same_model(
-        cfg, snapshot_first_call, sync_events):
-    """Snapshot + log for a replica: the deltas it applied and the exports it made between logged calls are
-    re-done in order from the inbox, so the restored model is exactly the one it had, and its next export is
-    the same delta an uninterrupted replica sends. (A replica's snapshot waits for its next send.)"""
+        cfg, sync_topic, snapshot_first_call, sync_events):
+    """Snapshot + log for a replica: the deltas it applied (read again from the topic, from the snapshot's
+    positions) and the exports it made between logged calls are re-done in order, so the restored model is
+    exactly the one it had, and its next export is the same delta an uninterrupted replica sends. (A replica's
+    snapshot waits for its next send.)"""
     job_cfg = synced_cfg(cfg, replica_sync_events=sync_events)
     a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
     a.window(1, [["warm", "x", 1.0, 1]])        # loads a's shard; its snapshot is due at the next call or never
@@ -317,12 +341,13 @@ def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_
     for end, qa, qb in rounds[:2]:
         a.window(end, qa)
         b.window(end, qb)
-        sent = sync_records(a.fire(end + 10000)) + sync_records(b.fire(end + 10000))
-        a.receive(sent)
+        sync_topic.records += sync_records(a.fire(end + 10000)) + sync_records(b.fire(end + 10000))
         a.fn.shards[0].last_snapshot = max(a.fn.shards[0].last_snapshot, 0.0) if snapshot_first_call else float("inf")
     snapshots = len(a.rc.states["model"].by_key.get(0, FakeListState()).items)
     assert snapshots == (1 if snapshot_first_call else 0)
-    restored = Subtask(job_cfg, 0, runtime=copy.deepcopy(a.rc), inbox=copy.deepcopy(a.inbox))   # as checkpointed
+    if not sync_events:
+        assert a.fn.shards[0].sync.applied == {2: 1}    # b's first delta, applied after any snapshot: redone
+    restored = Subtask(job_cfg, 0, runtime=copy.deepcopy(a.rc))   # as checkpointed; the topic is Kafka's
     end, qa, _ = rounds[2]
     for s in (a, restored):
         s.window(end, qa)
@@ -331,5 +356,22 @@ def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_
     assert restored.shared() == a.shared()
     assert [json.loads(r[2])["items"] for r in out_r if r[0] == "rec"] == \
         [json.loads(r[2])["items"] for r in out_a if r[0] == "rec"]
-    sent = [[f for j, f in enumerate(r.split(" ")) if j != 2] for r in sync_records(out_a)]   # all but sent_at
-    assert len(sent) == 1 and [[f for j, f in enumerate(r.split(" ")) if j != 2] for r in sync_records(out_r)] == sent
+    sent = [[f for j, f in enumerate(r.split(" ")) if j != 3] for r in sync_records(out_a)]   # all but sent_at
+    assert len(sent) == 1 and [[f for j, f in enumerate(r.split(" ")) if j != 3] for r in sync_records(out_r)] == sent
+
+
+def test_a_restore_whose_logged_delta_is_gone_from_the_topic_fails_with_a_clear_error(cfg, sync_topic):
+    job_cfg = synced_cfg(cfg)
+    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    a.window(60000, [["u1", "x", 1.0, 1]])
+    b.window(60000, [["v1", "y", 1.0, 1]])
+    sync_topic.records += sync_records(b.fire(70000))
+    a.fire(70000)
+    a.window(120000, [["u1", "y", 1.0, 1]])
+    a.fire(130000)                               # applied b's delta 1, logged
+    assert a.fn.shards[0].sync.applied == {2: 1}
+    sync_topic.records.clear()                   # expired
+    restored = Subtask(job_cfg, 0, runtime=copy.deepcopy(a.rc))
+    restored.fn.restore_wait_s = 0.0
+    with pytest.raises(RuntimeError, match="delta 1 of replica 2 is logged as applied but was not found"):
+        restored.window(180000, [["u1", "z", 1.0, 1]])

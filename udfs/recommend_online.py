@@ -28,13 +28,13 @@ import time
 
 from pyflink.common import Row
 from pyflink.common.typeinfo import Types
-from pyflink.datastream import KeyedBroadcastProcessFunction, KeyedProcessFunction
-from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor
+from pyflink.datastream import KeyedProcessFunction
+from pyflink.datastream.state import ListStateDescriptor
 
 from freshet.conf.settings import Config
 from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
-from freshet.models.shared import ReplicaState, SharedDelta
+from freshet.models.shared import ReplicaState, SharedDelta, SyncInbox
 
 # What enters it: (kind, model shard, window_end, window closed at, body). kind "win": a window of the shard,
 # body its (user, item, weight, events) quads as JSON; "dlq": a dead letter found in the JVM, body its JSON.
@@ -51,9 +51,6 @@ LEVELS = ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_versi
 # Model kinds whose replicas learn as one model at parallelism > 1: they declare their variables
 # (models/shared.py). The baselines' replicas stay apart (each subtask's users, a model of their own).
 SYNCED_KINDS = ("bpr", "sequence")
-# Other replicas' deltas, waiting to be applied (parallelism > 1): broadcast state, one copy per subtask,
-# "<sender>:<seq>" -> the sync record. Written where the sync stream arrives; read where the model runs.
-SYNC_INBOX = MapStateDescriptor("sync_inbox", Types.STRING(), Types.STRING())
 
 
 def replica_sync_on(cfg: Config) -> bool:
@@ -171,10 +168,10 @@ class RecommendOnline(KeyedProcessFunction):
         self.levels = {name: Level(metrics.counter(name)) for name in LEVELS}
 
     # ---- state -----------------------------------------------------------------------------------
-    def _shard(self, key: int, ctx=None) -> Shard:
+    def _shard(self, key: int) -> Shard:
         """The current key's shard; on its first call after (re)start, the checkpointed model plus the calls
         logged after its snapshot (and, for a replica, the deltas it applied and sent between them, in the
-        same order: ``ctx`` reads the applied ones from the inbox)."""
+        same order)."""
         shard = self.shards.get(key)
         if shard is not None:
             return shard
@@ -183,17 +180,17 @@ class RecommendOnline(KeyedProcessFunction):
                  else self.fresh or build_model(self.cfg))
         self.fresh = None
         shard = self.shards[key] = Shard(key, model, self.cfg.model.k)
-        sync_steps = self._replica_restored(shard, ctx)
+        sync_steps = self._replica_restored(shard)
         for entry in (self.log.get() or []):
             self._add_window(shard, *log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
         for call, upto in enumerate(boundaries):  # re-learn exactly the calls made before the checkpoint, emit nothing
-            self._replica_redo(shard, sync_steps.get(call, ()), ctx)
+            self._replica_redo(shard, sync_steps.get(call, ()))
             closed = self._close(shard, upto - 1)
             model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k, self.cfg.model.exclude_seen)
             shard.restored_windows += len(closed)
             self._replica_learned(shard, closed)
-        self._replica_redo(shard, sync_steps.get(len(boundaries), ()), ctx)
+        self._replica_redo(shard, sync_steps.get(len(boundaries), ()))
         shard.logged_calls = len(boundaries)
         shard.restored_version = model.version   # 0 unless a checkpoint held a model or logged calls
         return shard
@@ -230,7 +227,7 @@ class RecommendOnline(KeyedProcessFunction):
         if kind == "dlq":
             yield Row("dlq", None, body, None)
             return
-        shard = self._shard(key, ctx)     # the row's shard is its key: no call into the JVM per row for it
+        shard = self._shard(key)     # the row's shard is its key: no call into the JVM per row for it
         self._add_window(shard, window_end, closed_at, body)
         self.log.add(log_entry(window_end, closed_at, body))
         self._arm(shard, ctx, window_end)
@@ -248,14 +245,14 @@ class RecommendOnline(KeyedProcessFunction):
             shard.armed = end - 1
 
     def on_timer(self, timestamp, ctx):
-        shard = self._shard(ctx.get_current_key(), ctx)
+        shard = self._shard(ctx.get_current_key())
         if shard.armed is not None and shard.armed <= timestamp:
             shard.armed = None   # fired (timers fire in timestamp order)
         watermark = ctx.timer_service().current_watermark()
         closed = self._close(shard, max(timestamp, watermark))
         if closed:  # else another timer for the same windows already flushed them
             started = time.perf_counter()
-            self._replica_before_call(shard, ctx)
+            self._replica_before_call(shard, closed)
             lists = shard.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
                                               self.cfg.model.exclude_seen)
             self.flush_log.add(closed[-1][0])
@@ -281,18 +278,18 @@ class RecommendOnline(KeyedProcessFunction):
                       None)
 
     # ---- hooks where a replica of one model does more (RecommendOnlineSynced); a lone model does nothing --
-    def _replica_restored(self, shard: Shard, ctx) -> dict:
+    def _replica_restored(self, shard: Shard) -> dict:
         """A shard was loaded: its logged sync steps by call (none)."""
         return {}
 
-    def _replica_redo(self, shard: Shard, steps, ctx) -> None:
+    def _replica_redo(self, shard: Shard, steps) -> None:
         """Re-do logged sync steps on restore (none)."""
 
     def _replica_learned(self, shard: Shard, closed) -> None:
         """A call learned ``closed`` (also when re-learned on restore)."""
 
-    def _replica_before_call(self, shard: Shard, ctx) -> None:
-        """Before a model call."""
+    def _replica_before_call(self, shard: Shard, closed) -> None:
+        """Before a model call that learns and lists ``closed``."""
 
     def _replica_after_call(self, shard: Shard, closed) -> str | None:
         """After a model call: a sync record to send, if any."""
@@ -350,89 +347,112 @@ def _events(closed) -> int:
     return sum(inc.events for _, increments in closed for inc in increments)
 
 
-class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
-    """:class:`RecommendOnline` for replicas of one model (parallelism > 1): its second input is every
-    replica's sync records, broadcast to all subtasks (``process_broadcast_element``).
+class RecommendOnlineSynced(RecommendOnline):
+    """:class:`RecommendOnline` for replicas of one model (parallelism > 1).
 
     Each replica learns from its own users' windows. After a call it sends what its learning changed in
-    the shared variables (``flink.replica_sync_events``); before a call it applies every other replica's
-    deltas that have arrived, in each sender's sequence. Deltas wait in broadcast state (the inbox) until
-    the replica's model snapshot holds them, so a restore re-does the logged calls and the logged applies
-    and sends in their order and comes back to exactly the checkpoint's model. The topic is at least once
-    and read uncommitted (docs/ARCHITECTURE.md says why): a replayed copy of a delta is dropped by its
-    sequence number; after a failure a sender may send a sequence number again with other contents, of
-    which a receiver keeps the first (the replicas then differ by at most that delta).
+    the shared variables (a ``sync`` row for the sync topic, once it has learned ``flink.replica_sync_events``
+    events since its last send); before a call it reads the sync topic itself (:class:`SyncFeed`, beside
+    Flink's inputs: read as a second Flink input, deltas waited behind the operator's backlog) and applies
+    every other replica's deltas that have arrived, in each sender's sequence, as far as their events
+    precede the first window the call lists (:class:`SyncInbox`).
+
+    Exact restore: a replica's snapshot is taken only right after a send, with its :class:`ReplicaState`
+    (what it applied, where its reading goes on) beside it; the applies and sends since are logged with
+    the calls. A restore re-reads the topic from those positions and re-does calls, applies and sends in
+    their logged order, so it comes back to exactly the checkpoint's model. The topic is at least once
+    and read uncommitted (docs/ARCHITECTURE.md says why): a copy of a delta is dropped by its sequence
+    number; after a failure a sender may send a sequence number again with other contents, of which a
+    receiver keeps the first (the replicas then differ by at most that delta).
+
+    ``since_ms``: when the job was built. A fresh replica reads the topic from there, and the replicas
+    started from scratch by the job form one exchange (``run``); restored ones keep theirs. (A job that
+    fails before its first checkpoint restarts every replica from scratch in the same exchange: the deltas
+    its first attempt sent count as sent, as after any failure above.)
     """
 
-    def __init__(self, cfg: Config, senders):
+    def __init__(self, cfg: Config, since_ms: int):
         super().__init__(cfg)
-        self.senders = sorted(int(k) for k in senders)      # every replica's shard key
+        self.since_ms = int(since_ms)
 
     def open(self, runtime_context):
         super().open(runtime_context)
+        from freshet.ops.kafka_io import SyncFeed
         # The replica's ReplicaState as of the snapshot (JSON), and what it did since, in order with the
         # flush log's calls: "apply <call> <sender> <seq>" (before that call), "send <call>" (after it).
         self.sync_meta = runtime_context.get_list_state(ListStateDescriptor("sync", Types.STRING()))
         self.sync_log = runtime_context.get_list_state(ListStateDescriptor("sync_log", Types.STRING()))
-        self.prunable: dict[int, int] = {}   # sender -> the last of its deltas this subtask's snapshot holds
-        self.pruned: dict[int, int] = {}     # sender -> the inbox holds none of its deltas up to this one
-        self.received = 0                    # sync records that reached this subtask (its own included)
-        self.arrival_lag_ms: list[float] = []     # sent -> reached this subtask, since the last metrics record
+        self.run = str(self.since_ms)    # the exchange of replicas started from scratch by this job
+        self.feed = SyncFeed(self.cfg, self.since_ms)    # started once the shard's state is known
+        self.inboxes: dict[int, SyncInbox] = {}          # shard key -> its inbox (one shard per subtask)
+        self.received = 0                                # other replicas' deltas read (copies not counted)
+        self.restore_wait_s = 120.0                      # for a logged delta to be read again on restore
+        self.arrival_lag_ms: list[float] = []            # sent -> read here, since the last metrics record
+
+    def close(self):
+        self.feed.close()
 
     # ---- the replica's part of restore, calls and snapshots (hooks of RecommendOnline) -------------
-    def _replica_restored(self, shard: Shard, ctx) -> dict:
+    def _replica_restored(self, shard: Shard) -> dict:
         """Start the sync from the loaded model (a snapshot is always taken right after a send, so it is the
-        base), with the ReplicaState kept beside it; its logged steps by call. Also arms the timer that reports
-        a bounded input's end: it reaches a replica only as the watermark's end (the sync input is idle by
-        then), after its last windows were listed, and the run's drain waits for that report."""
+        base), with the ReplicaState kept beside it, and read the topic from where that state says; returns
+        its logged steps by call."""
         shard.model.start_sync()
         meta = next(iter(self.sync_meta.get() or []), None)
-        shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key)
-        self.prunable = dict(shard.sync.applied)
-        ctx.timer_service().register_event_time_timer(END_OF_INPUT - 1)
+        shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key, run=self.run)
+        wanted = [shard.sync.positions] + [inbox.positions(self.feed.positions()) for inbox in self.inboxes.values()]
+        self.inboxes[shard.key] = SyncInbox(shard.sync)
+        self.feed.start({p: min(w[p] for w in wanted) for p in set.intersection(*(set(w) for w in wanted))})
         steps: dict[int, list[list[str]]] = {}
         for entry in (self.sync_log.get() or []):
             step = entry.split()
             steps.setdefault(int(step[1]), []).append(step)
         return steps
 
-    def _replica_redo(self, shard: Shard, steps, ctx) -> None:
-        """Re-do a replica's logged sync steps: apply the same deltas (still in the inbox: it keeps what the
-        snapshot does not hold) and export again where it sent (the export moves its base; the record went
-        out before the checkpoint)."""
+    def _replica_redo(self, shard: Shard, steps) -> None:
+        """Re-do a replica's logged sync steps: apply the same deltas (read again from the topic) and export
+        again where it sent (the export moves its base; the record went out before the checkpoint)."""
         for step in steps:
             if step[0] == "apply":
-                sender, seq = int(step[2]), int(step[3])
-                text = ctx.get_broadcast_state(SYNC_INBOX).get(ReplicaState.inbox_key(sender, seq))
-                if text is None:
-                    raise RuntimeError(f"restore of model shard {shard.key}: delta {seq} of replica {sender} is "
-                                       "logged as applied but missing from the sync inbox")
-                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
-                shard.sync.applied[sender] = seq
+                rec = self._await(shard, int(step[2]), int(step[3]))
+                shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
             else:
                 if not shard.model.export_shared().empty:
                     shard.sync.sent += 1
                 shard.sync.unsent_events = 0
 
+    def _await(self, shard: Shard, sender: int, seq: int):
+        """A delta the log says was applied, read again from the topic."""
+        inbox, deadline = self.inboxes[shard.key], time.monotonic() + self.restore_wait_s
+        while (rec := inbox.take(sender, seq)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"restore of model shard {shard.key}: delta {seq} of replica {sender} is logged "
+                                   f"as applied but was not found on the sync topic {self.cfg.kafka.sync_topic!r} "
+                                   f"from {shard.sync.positions} within {self.restore_wait_s:.0f}s (deleted or expired?)")
+            self._read_feed(timeout=1.0)
+        return rec
+
+    def _read_feed(self, timeout: float = 0.0) -> None:
+        now = time.time() * 1000
+        for partition, offset, text in self.feed.poll(timeout):
+            for inbox in self.inboxes.values():
+                if (rec := inbox.add(partition, offset, text)) is not None:
+                    self.received += 1
+                    self.arrival_lag_ms.append(now - rec.sent_at)
+
     def _replica_learned(self, shard: Shard, closed) -> None:
         shard.sync.unsent_events += _events(closed)
 
-    def _replica_before_call(self, shard: Shard, ctx) -> None:
-        """Every other replica's deltas waiting in the inbox, each sender's in sequence from the one after its
-        last applied (a gap waits for the missing one), logged for a restore."""
-        inbox = ctx.get_broadcast_state(SYNC_INBOX)    # read-only here: get and contains (PyFlink's keys() fails)
+    def _replica_before_call(self, shard: Shard, closed) -> None:
+        """Every other replica's deltas read so far, each sender's in sequence from the one after its last
+        applied, as far as they hold only events before the call's first window; logged for a restore."""
+        self._read_feed()
         now = time.time() * 1000
-        for sender in self.senders:
-            if sender == shard.key:
-                continue
-            seq = shard.sync.applied.get(sender, 0) + 1
-            while (text := inbox.get(ReplicaState.inbox_key(sender, seq))) is not None:
-                shard.model.apply_shared(SharedDelta.from_bytes(ReplicaState.payload(text)))
-                shard.sync.applied[sender] = seq
-                self.sync_log.add(f"apply {shard.logged_calls} {sender} {seq}")
-                shard.sync_applied += 1
-                shard.sync_lag_ms.append(now - ReplicaState.head(text)[2])
-                seq += 1
+        for rec in self.inboxes[shard.key].due(before=closed[0][0]):
+            shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
+            self.sync_log.add(f"apply {shard.logged_calls} {rec.sender} {rec.seq}")
+            shard.sync_applied += 1
+            shard.sync_lag_ms.append(now - rec.sent_at)
 
     def _replica_after_call(self, shard: Shard, closed) -> str | None:
         """This replica's changes since it last sent, once it has learned ``flink.replica_sync_events`` events
@@ -445,7 +465,7 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
         delta = shard.model.export_shared()
         if delta.empty:
             return None
-        record = shard.sync.record(delta.to_bytes(), time.time() * 1000)
+        record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=closed[-1][0])
         shard.sync_bytes += len(record)
         return record
 
@@ -453,15 +473,16 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
         """Only right after a send (the sync base is then the model), with the ReplicaState beside it."""
         if shard.sync.unsent_events:
             return False
+        shard.sync.positions = self.inboxes[shard.key].positions(self.feed.positions())
         self.sync_meta.clear()
         self.sync_meta.add(shard.sync.to_text())
         self.sync_log.clear()
-        self.prunable = dict(shard.sync.applied)
         return True
 
     def _metrics(self, shard: Shard, watermark: int) -> dict:
         """Adds the exchange: deltas sent (and bytes) and applied since (re)start, per sender; the send -> apply
-        lag of those applied, and the send -> arrival lag of records received, since the last record (ms)."""
+        lag of those applied, the send -> read lag of those read, since the last record (ms), and how many wait
+        (read, but a gap or their events' time keeps them)."""
         lag, shard.sync_lag_ms = shard.sync_lag_ms, []
         arrived, self.arrival_lag_ms = self.arrival_lag_ms, []
         return {**super()._metrics(shard, watermark),
@@ -469,26 +490,5 @@ class RecommendOnlineSynced(RecommendOnline, KeyedBroadcastProcessFunction):
                 "sync_applied": shard.sync_applied, "sync_applied_of": dict(sorted(shard.sync.applied.items())),
                 "sync_lag_ms_mean": round(sum(lag) / len(lag), 1) if lag else None,
                 "sync_lag_ms_max": round(max(lag), 1) if lag else None,
-                "sync_received": self.received, "sync_arrival_lag_ms_max": round(max(arrived), 1) if arrived else None}
-
-    def process_broadcast_element(self, value, ctx):
-        """A sync record from any replica (this subtask's own included): another's goes into the inbox unless
-        applied already (a copy: the topic is at least once); deltas the snapshot holds are dropped."""
-        sender, seq, sent_at = ReplicaState.head(value)
-        self.received += 1
-        self.arrival_lag_ms.append(time.time() * 1000 - sent_at)
-        inbox = ctx.get_broadcast_state(SYNC_INBOX)
-        applied = [s.sync.applied.get(sender, 0) for s in self.shards.values() if s.sync is not None]
-        key = ReplicaState.inbox_key(sender, seq)
-        if sender not in self.shards and seq > min(applied, default=self.prunable.get(sender, 0)) \
-                and not inbox.contains(key):
-            inbox.put(key, value)
-        # A sender's deltas in the inbox are consecutive (each is kept once, above what was applied, and dropped
-        # from the bottom): walk down from the newest the snapshot holds (the state has no cheap key listing).
-        for sender, upto in self.prunable.items():
-            seq = upto
-            while seq > self.pruned.get(sender, 0) and inbox.contains(key := ReplicaState.inbox_key(sender, seq)):
-                inbox.remove(key)
-                seq -= 1
-            self.pruned[sender] = upto
-        yield from ()
+                "sync_received": self.received, "sync_arrival_lag_ms_max": round(max(arrived), 1) if arrived else None,
+                "sync_waiting": len(self.inboxes[shard.key].waiting)}
