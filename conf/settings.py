@@ -223,8 +223,8 @@ class FlinkConfig:
     local_heap_mb: int = 1024                 # JVM heap of the local runtime (`freshet run`); 0: the JVM's default
     python_bundle_time_ms: int = 100          # a Python operator flushes its output at least this often
     python_bundle_size: int = 1000            # ... or after this many input records
-    replica_sync: bool = False                # parallelism > 1: the replicas exchange their shared-model changes
-    replica_sync_events: int = 0              # ... after a model call once this many events were learned (0: every call)
+    replica_sync: bool = True                 # parallelism > 1: the replicas exchange their shared-model changes
+    replica_sync_events: int = 0              # ... at least every this many events learned, splitting calls (0: per call)
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")

@@ -250,32 +250,40 @@ class RecommendOnline(KeyedProcessFunction):
             shard.armed = None   # fired (timers fire in timestamp order)
         watermark = ctx.timer_service().current_watermark()
         closed = self._close(shard, max(timestamp, watermark))
-        if closed:  # else another timer for the same windows already flushed them
-            started = time.perf_counter()
-            self._replica_before_call(shard, closed)
-            lists = shard.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
-                                              self.cfg.model.exclude_seen)
-            self.flush_log.add(closed[-1][0])
-            shard.logged_calls += 1
-            record = self._replica_after_call(shard, closed)
-            if record is not None:
-                yield Row("sync", str(shard.key), record, None)
-            shard.last_call_ms = (time.perf_counter() - started) * 1000
-            shard.model_call_seconds += shard.last_call_ms / 1000
-            self.flushes.inc()
-            shard.calls += 1
-            shard.emitted += len(lists)
-            emitted_at = int(time.time() * 1000)
-            for wl in lists:
-                yield Row("rec", wl.user_id, wl.to_json(emitted_at), shard.closed_at.get(wl.window_end))
-            self.emitted.inc(len(lists))
-            self._score_live(shard, closed, lists)
-            self._snapshot_if_due(shard)
-            self._publish_levels(shard)
+        for part in self._calls(shard, closed):   # none when another timer for the same windows already flushed them
+            yield from self._call(shard, part)
         self._arm(shard, ctx)
         if self._metrics_due(shard, watermark):
             yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
                       None)
+
+    def _calls(self, shard: Shard, closed) -> list:
+        """The model calls that learn and list ``closed``: one (a replica may make more, to sync between them)."""
+        return [closed] if closed else []
+
+    def _call(self, shard: Shard, closed):
+        """One model call: learn the windows in order and list each one's users; logged for a restore."""
+        started = time.perf_counter()
+        self._replica_before_call(shard, closed)
+        lists = shard.model.learn_windows(closed, self.cfg.model.batch_size, self.cfg.model.k,
+                                          self.cfg.model.exclude_seen)
+        self.flush_log.add(closed[-1][0])
+        shard.logged_calls += 1
+        record = self._replica_after_call(shard, closed)
+        if record is not None:
+            yield Row("sync", str(shard.key), record, None)
+        shard.last_call_ms = (time.perf_counter() - started) * 1000
+        shard.model_call_seconds += shard.last_call_ms / 1000
+        self.flushes.inc()
+        shard.calls += 1
+        shard.emitted += len(lists)
+        emitted_at = int(time.time() * 1000)
+        for wl in lists:
+            yield Row("rec", wl.user_id, wl.to_json(emitted_at), shard.closed_at.get(wl.window_end))
+        self.emitted.inc(len(lists))
+        self._score_live(shard, closed, lists)
+        self._snapshot_if_due(shard)
+        self._publish_levels(shard)
 
     # ---- hooks where a replica of one model does more (RecommendOnlineSynced); a lone model does nothing --
     def _replica_restored(self, shard: Shard) -> dict:
@@ -453,6 +461,21 @@ class RecommendOnlineSynced(RecommendOnline):
             self.sync_log.add(f"apply {shard.logged_calls} {rec.sender} {rec.seq}")
             shard.sync_applied += 1
             shard.sync_lag_ms.append(now - rec.sent_at)
+
+    def _calls(self, shard: Shard, closed) -> list:
+        """With ``flink.replica_sync_events`` > 0, calls of at most about that many events (whole windows), so
+        that the replica sends and applies at least that often however many windows one watermark closes."""
+        every = self.cfg.flink.replica_sync_events
+        if not every:
+            return super()._calls(shard, closed)
+        calls, part, events = [], [], shard.sync.unsent_events
+        for window in closed:
+            part.append(window)
+            events += _events([window])
+            if events >= every:
+                calls.append(part)
+                part, events = [], 0
+        return calls + [part] if part else calls
 
     def _replica_after_call(self, shard: Shard, closed) -> str | None:
         """This replica's changes since it last sent, once it has learned ``flink.replica_sync_events`` events
