@@ -225,6 +225,7 @@ class FlinkConfig:
     python_bundle_size: int = 1000            # ... or after this many input records
     replica_sync: bool = True                 # parallelism > 1: the replicas exchange their shared-model changes
     replica_sync_events: int = 0              # ... at least every this many events learned, splitting calls (0: per call)
+    replica_sync_wait_ms: int = 2000          # ... before a call, waits up to this long for the others to catch up (0: never)
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
@@ -239,6 +240,7 @@ class FlinkConfig:
         _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,
                  "flink.restart_attempts and flink.restart_delay_ms must be >= 0")
         _require(self.replica_sync_events >= 0, "flink.replica_sync_events must be >= 0 (0: after every model call)")
+        _require(self.replica_sync_wait_ms >= 0, "flink.replica_sync_wait_ms must be >= 0 (0: never wait)")
         _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")
         _require(self.checkpoint_interval_ms >= 0, "flink.checkpoint_interval_ms must be >= 0 (0 disables)")
         _require(self.state_backend in ("rocksdb", "hashmap"), "flink.state_backend must be rocksdb|hashmap")

@@ -173,7 +173,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     #    the sync topic (a 'sync' row), which every replica reads itself before each call (RecommendOnlineSynced).
     keyed = _keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
     if replica_sync_on(cfg):
-        model_output = keyed.process(RecommendOnlineSynced(cfg, since_ms=int(time.time() * 1000)),
+        model_output = keyed.process(RecommendOnlineSynced(cfg, since_ms=int(time.time() * 1000), senders=keys),
                                      output_type=OUTPUT_TYPE)
     else:
         model_output = keyed.process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)

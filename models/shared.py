@@ -221,23 +221,25 @@ class SyncBase:
 
 class SyncRecord(NamedTuple):
     """One delta of a replica as it travels on the sync topic, one text record:
-    ``<run> <sender> <seq> <sent_at ms> <upto> <base64 of the npz>``. ``run``: the exchange it belongs to
-    (replicas started from scratch together share one); ``upto``: the last ``window_end`` the sender had
-    learned, so the delta holds events before it only."""
+    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <base64 of the npz>``. ``run``: the exchange it
+    belongs to (replicas started from scratch together share one); ``upto``: the last ``window_end`` the
+    sender had learned, so the delta holds events before it only; ``progress``: the sender has learned
+    every window of its own that ends before it (its watermark, for the last call of a timer)."""
     run: str
     sender: int
     seq: int
     sent_at: int
     upto: int
+    progress: int
     text: str
 
     @classmethod
     def parse(cls, text: str) -> "SyncRecord":
-        run, sender, seq, sent_at, upto, _ = text.split(" ", 5)
-        return cls(run, int(sender), int(seq), int(sent_at), int(upto), text)
+        run, sender, seq, sent_at, upto, progress, _ = text.split(" ", 6)
+        return cls(run, int(sender), int(seq), int(sent_at), int(upto), int(progress), text)
 
     def payload(self) -> bytes:
-        return base64.b64decode(self.text.split(" ", 5)[5])
+        return base64.b64decode(self.text.split(" ", 6)[6])
 
 
 @dataclass
@@ -260,10 +262,11 @@ class ReplicaState:
     unsent_events: int = 0
     positions: dict[int, int] = field(default_factory=dict)
 
-    def record(self, delta: bytes, now_ms: int, upto: int) -> str:
+    def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> str:
         """The next delta of this replica as a sync record (numbered in sequence from 1)."""
         self.sent += 1
-        return f"{self.run} {self.own} {self.sent} {int(now_ms)} {int(upto)} {base64.b64encode(delta).decode('ascii')}"
+        return (f"{self.run} {self.own} {self.sent} {int(now_ms)} {int(upto)} {int(upto if progress is None else progress)} "
+                f"{base64.b64encode(delta).decode('ascii')}")
 
     def to_text(self) -> str:
         return json.dumps({"own": self.own, "run": self.run, "sent": self.sent, "unsent_events": self.unsent_events,
@@ -297,11 +300,14 @@ class SyncInbox:
     def __init__(self, state: ReplicaState):
         self.state = state
         self.waiting: dict[tuple[int, int], tuple[int, int, SyncRecord]] = {}   # (sender, seq) -> (partition, offset, record)
+        self.progress: dict[int, int] = {}     # sender -> the highest progress read of it
 
     def add(self, partition: int, offset: int, text: str) -> SyncRecord | None:
         """Keep a record read at ``partition``/``offset`` (returned) unless it is not for this replica or a copy."""
         rec = SyncRecord.parse(text)
         key = (rec.sender, rec.seq)
+        if rec.run == self.state.run:
+            self.progress[rec.sender] = max(self.progress.get(rec.sender, rec.progress), rec.progress)
         if (rec.run != self.state.run or rec.sender == self.state.own or key in self.waiting
                 or rec.seq <= self.state.applied.get(rec.sender, 0)):
             return None

@@ -32,6 +32,7 @@ def setup(kafka, kafka_cfg, tmp_path_factory):
     tag = f"pfault-{int(time.time())}"
     cfg = kafka_cfg.replace(kafka={"input_topic": f"{tag}-events"},
                             local={"flink_rest_port": PARALLEL_REST_PORT, "taskmanagers": 2, "taskmanager_slots": 1},
+                            model={"kind": "sequence"},   # a replay long enough (~60 s) to fail mid-way
                             flink={"parallelism": 2, "replica_sync": True, "checkpoint_interval_ms": 1000,
                                    "model_snapshot_interval_ms": 5000, "restart_delay_ms": 2000,
                                    "restart_attempts": 30})

@@ -251,7 +251,8 @@ def sync_topic(monkeypatch):
 
 def synced_cfg(cfg, **flink):
     return cfg.replace(model={"kind": "bpr", "dim": 8, "negatives": 4, "batch_size": 4, "initial_capacity": 64},
-                       flink={"parallelism": 2, "replica_sync": True, "model_snapshot_interval_ms": 3_600_000, **flink})
+                       flink={"parallelism": 2, "replica_sync": True, "model_snapshot_interval_ms": 3_600_000,
+                              "replica_sync_wait_ms": 0, **flink})
 
 
 class Subtask:
@@ -261,7 +262,7 @@ class Subtask:
         from freshet.udfs.recommend_online import RecommendOnlineSynced
         self.key, self.rc = key, runtime or FakeRuntimeContext()
         self.rc.current = key
-        self.fn, self.ctx = RecommendOnlineSynced(cfg, since_ms=1000), FakeContext(key, self.rc)
+        self.fn, self.ctx = RecommendOnlineSynced(cfg, since_ms=1000, senders=[0, 2]), FakeContext(key, self.rc)
         self.fn.open(self.rc)
 
     def window(self, end, quads):
@@ -324,14 +325,33 @@ def test_a_replica_applies_no_delta_holding_events_after_the_window_it_lists(cfg
     assert a.fn.shards[0].sync.applied == {2: 1} and "z" in a.fn.shards[0].model.items.ids
 
 
-@pytest.mark.parametrize("snapshot_first_call, sync_events", [(False, 0), (True, 0), (True, 3)])
+def test_a_replica_ahead_waits_for_the_others_progress_for_at_most_the_set_time(cfg, sync_topic):
+    """Bounded staleness: before a call, a replica waits until every other replica's progress reaches its own at
+    its last send (then it applies their deltas of those windows), for at most flink.replica_sync_wait_ms."""
+    job_cfg = synced_cfg(cfg, replica_sync_wait_ms=50)
+    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    a.window(60000, [["u1", "x", 1.0, 1]])
+    sync_topic.records += sync_records(a.fire(70000))      # a's progress: 70001 (its watermark)
+    a.window(120000, [["u1", "y", 1.0, 1]])
+    a.fire(130000)                                         # b never sent: a waits 50 ms, then goes on
+    assert a.fn.shards[0].sync_wait_timeouts == 1 and a.fn.shards[0].sync_wait_s >= 0.05
+    b.window(60000, [["v1", "z", 1.0, 1]])
+    sync_topic.records += sync_records(b.fire(130000))     # b's progress: 130001, its delta: upto 60000
+    a.window(180000, [["u1", "w", 1.0, 1]])
+    a.fire(190000)
+    assert a.fn.shards[0].sync_wait_timeouts == 1 and a.fn.shards[0].sync.applied == {2: 1}
+    assert "z" in a.fn.shards[0].model.items.ids
+
+
+@pytest.mark.parametrize("snapshot_first_call, sync_events, wait_ms", [(False, 0, 0), (True, 0, 0), (True, 3, 0),
+                                                                      (False, 0, 1)])
 def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_same_model(
-        cfg, sync_topic, snapshot_first_call, sync_events):
+        cfg, sync_topic, snapshot_first_call, sync_events, wait_ms):
     """Snapshot + log for a replica: the deltas it applied (read again from the topic, from the snapshot's
     positions) and the exports it made between logged calls are re-done in order, so the restored model is
     exactly the one it had, and its next export is the same delta an uninterrupted replica sends. (A replica's
     snapshot waits for its next send.)"""
-    job_cfg = synced_cfg(cfg, replica_sync_events=sync_events)
+    job_cfg = synced_cfg(cfg, replica_sync_events=sync_events, replica_sync_wait_ms=wait_ms)
     a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
     a.window(1, [["warm", "x", 1.0, 1]])        # loads a's shard; its snapshot is due at the next call or never
     a.fn.shards[0].last_snapshot = float("-inf") if snapshot_first_call else float("inf")

@@ -129,6 +129,10 @@ class Shard:
         self.sync: ReplicaState | None = None       # parallelism > 1: this replica's place in the exchange
         self.sync_bytes = self.sync_applied = 0     # since (re)start: sent, and deltas applied
         self.sync_lag_ms: list[float] = []          # sent -> applied, of the deltas applied since the last metrics
+        self.watermark = -1                         # of the timer being handled
+        self.sync_target: int | None = None         # the others' progress to wait for before the next call
+        self.sync_wait_s = 0.0                      # waited for it since (re)start
+        self.sync_wait_timeouts = 0
 
 
 class RecommendOnline(KeyedProcessFunction):
@@ -250,6 +254,7 @@ class RecommendOnline(KeyedProcessFunction):
             shard.armed = None   # fired (timers fire in timestamp order)
         watermark = ctx.timer_service().current_watermark()
         closed = self._close(shard, max(timestamp, watermark))
+        shard.watermark = watermark
         for part in self._calls(shard, closed):   # none when another timer for the same windows already flushed them
             yield from self._call(shard, part)
         self._arm(shard, ctx)
@@ -379,9 +384,10 @@ class RecommendOnlineSynced(RecommendOnline):
     its first attempt sent count as sent, as after any failure above.)
     """
 
-    def __init__(self, cfg: Config, since_ms: int):
+    def __init__(self, cfg: Config, since_ms: int, senders):
         super().__init__(cfg)
         self.since_ms = int(since_ms)
+        self.senders = sorted(int(k) for k in senders)      # every replica's shard key
 
     def open(self, runtime_context):
         super().open(runtime_context)
@@ -425,7 +431,7 @@ class RecommendOnlineSynced(RecommendOnline):
                 rec = self._await(shard, int(step[2]), int(step[3]))
                 shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
             else:
-                if not shard.model.export_shared().empty:
+                if self._sends(shard.model.export_shared()):
                     shard.sync.sent += 1
                 shard.sync.unsent_events = 0
 
@@ -455,6 +461,8 @@ class RecommendOnlineSynced(RecommendOnline):
         """Every other replica's deltas read so far, each sender's in sequence from the one after its last
         applied, as far as they hold only events before the call's first window; logged for a restore."""
         self._read_feed()
+        if self.cfg.flink.replica_sync_wait_ms and shard.sync_target is not None:
+            self._wait_for_others(shard)
         now = time.time() * 1000
         for rec in self.inboxes[shard.key].due(before=closed[0][0]):
             shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
@@ -466,6 +474,7 @@ class RecommendOnlineSynced(RecommendOnline):
         """With ``flink.replica_sync_events`` > 0, calls of at most about that many events (whole windows), so
         that the replica sends and applies at least that often however many windows one watermark closes."""
         every = self.cfg.flink.replica_sync_events
+        self.last_end = closed[-1][0] if closed else None
         if not every:
             return super()._calls(shard, closed)
         calls, part, events = [], [], shard.sync.unsent_events
@@ -477,6 +486,23 @@ class RecommendOnlineSynced(RecommendOnline):
                 part, events = [], 0
         return calls + [part] if part else calls
 
+    def _sends(self, delta) -> bool:
+        """Whether an export goes out: when it changed anything, or always when others wait for its progress."""
+        return not delta.empty or self.cfg.flink.replica_sync_wait_ms > 0
+
+    def _wait_for_others(self, shard: Shard) -> None:
+        """Bounded staleness: until every other replica has learned its windows before this replica's progress
+        at its last send (so its deltas of them can be applied now), for at most ``flink.replica_sync_wait_ms``."""
+        inbox, started = self.inboxes[shard.key], time.monotonic()
+        deadline = started + self.cfg.flink.replica_sync_wait_ms / 1000
+        others = [s for s in self.senders if s != shard.key]
+        while any(inbox.progress.get(s, -1) < shard.sync_target for s in others):
+            if time.monotonic() >= deadline:
+                shard.sync_wait_timeouts += 1
+                break
+            self._read_feed(timeout=0.01)
+        shard.sync_wait_s += time.monotonic() - started
+
     def _replica_after_call(self, shard: Shard, closed) -> str | None:
         """This replica's changes since it last sent, once it has learned ``flink.replica_sync_events`` events
         since (a sync record; None when not due or nothing changed)."""
@@ -486,9 +512,12 @@ class RecommendOnlineSynced(RecommendOnline):
         self.sync_log.add(f"send {shard.logged_calls}")
         shard.sync.unsent_events = 0
         delta = shard.model.export_shared()
-        if delta.empty:
+        if not self._sends(delta):
             return None
-        record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=closed[-1][0])
+        upto = closed[-1][0]     # the timer's last call has learned every window up to its watermark
+        progress = max(upto, shard.watermark + 1) if upto == self.last_end else upto
+        shard.sync_target = progress
+        record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=upto, progress=progress)
         shard.sync_bytes += len(record)
         return record
 
@@ -514,4 +543,5 @@ class RecommendOnlineSynced(RecommendOnline):
                 "sync_lag_ms_mean": round(sum(lag) / len(lag), 1) if lag else None,
                 "sync_lag_ms_max": round(max(lag), 1) if lag else None,
                 "sync_received": self.received, "sync_arrival_lag_ms_max": round(max(arrived), 1) if arrived else None,
-                "sync_waiting": len(self.inboxes[shard.key].waiting)}
+                "sync_waiting": len(self.inboxes[shard.key].waiting),
+                "sync_wait_s": round(shard.sync_wait_s, 2), "sync_wait_timeouts": shard.sync_wait_timeouts}
