@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from freshet.models.shared import SyncRecord
 from freshet.udfs.recommend_online import RecommendOnline
 
 
@@ -338,9 +339,16 @@ def test_a_replica_ahead_waits_for_the_others_progress_for_at_most_the_set_time(
     b.window(60000, [["v1", "z", 1.0, 1]])
     sync_topic.records += sync_records(b.fire(130000))     # b's progress: 130001, its delta: upto 60000
     a.window(180000, [["u1", "w", 1.0, 1]])
-    a.fire(190000)
+    sync_topic.records += sync_records(a.fire(190000))     # a's progress: 190001
     assert a.fn.shards[0].sync_wait_timeouts == 1 and a.fn.shards[0].sync.applied == {2: 1}
     assert "z" in a.fn.shards[0].model.items.ids
+    assert 179999 in b.ctx.timers.timers, "b's heartbeat: the next window end after its watermark"
+    beat = sync_records(b.fire(190000))                   # b has no window there: its heartbeat says 190001
+    assert len(beat) == 1 and SyncRecord.parse(beat[0]).progress == 190001
+    sync_topic.records += beat
+    a.window(240000, [["u1", "v", 1.0, 1]])
+    a.fire(250000)
+    assert a.fn.shards[0].sync_wait_timeouts == 1, "b's heartbeat, not the limit, let a go on"
 
 
 @pytest.mark.parametrize("snapshot_first_call, sync_events, wait_ms", [(False, 0, 0), (True, 0, 0), (True, 3, 0),

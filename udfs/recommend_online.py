@@ -130,7 +130,8 @@ class Shard:
         self.sync_bytes = self.sync_applied = 0     # since (re)start: sent, and deltas applied
         self.sync_lag_ms: list[float] = []          # sent -> applied, of the deltas applied since the last metrics
         self.watermark = -1                         # of the timer being handled
-        self.sync_target: int | None = None         # the others' progress to wait for before the next call
+        self.sync_target: int | None = None         # its progress at its last send: the others' to wait for
+        self.heartbeat: int | None = None           # its timer at the next window end after the watermark
         self.sync_wait_s = 0.0                      # waited for it since (re)start
         self.sync_wait_timeouts = 0
 
@@ -257,6 +258,8 @@ class RecommendOnline(KeyedProcessFunction):
         shard.watermark = watermark
         for part in self._calls(shard, closed):   # none when another timer for the same windows already flushed them
             yield from self._call(shard, part)
+        if not closed and (record := self._replica_idle(shard)) is not None:
+            yield Row("sync", str(shard.key), record, None)
         self._arm(shard, ctx)
         if self._metrics_due(shard, watermark):
             yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
@@ -311,6 +314,10 @@ class RecommendOnline(KeyedProcessFunction):
     def _replica_snapshot(self, shard: Shard) -> bool:
         """Whether a due snapshot may be taken now (always), after writing what the replica keeps with it."""
         return True
+
+    def _replica_idle(self, shard: Shard) -> str | None:
+        """A timer that closed no window: a sync record to send, if any."""
+        return None
 
     def _publish_levels(self, shard: Shard) -> None:
         """The operator's levels, from the shard that made the last call."""
@@ -509,17 +516,40 @@ class RecommendOnlineSynced(RecommendOnline):
         self._replica_learned(shard, closed)
         if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
             return None
+        upto = closed[-1][0]     # the timer's last call has learned every window up to its watermark
+        return self._send(shard, upto, max(upto, shard.watermark + 1) if upto == self.last_end else upto)
+
+    def _replica_idle(self, shard: Shard) -> str | None:
+        """A timer with no window of this replica's (its heartbeat): while others wait for its progress, it
+        tells them how far it has got, with whatever it has not sent yet (a send, logged like any)."""
+        progress = shard.watermark + 1
+        if not self.cfg.flink.replica_sync_wait_ms or (shard.sync_target is not None and progress <= shard.sync_target):
+            return None
+        return self._send(shard, progress, progress)
+
+    def _send(self, shard: Shard, upto: int, progress: int) -> str | None:
+        """Export this replica's changes since its last send as its next sync record (logged for a restore)."""
         self.sync_log.add(f"send {shard.logged_calls}")
         shard.sync.unsent_events = 0
         delta = shard.model.export_shared()
         if not self._sends(delta):
             return None
-        upto = closed[-1][0]     # the timer's last call has learned every window up to its watermark
-        progress = max(upto, shard.watermark + 1) if upto == self.last_end else upto
         shard.sync_target = progress
         record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=upto, progress=progress)
         shard.sync_bytes += len(record)
         return record
+
+    def _arm(self, shard: Shard, ctx, window_end: int | None = None) -> None:
+        """Also, while others may wait for this replica's progress, a timer at the next window end after the
+        watermark (its heartbeat): a replica whose users have no window there still reports its progress."""
+        super()._arm(shard, ctx, window_end)
+        watermark, size = ctx.timer_service().current_watermark(), self.cfg.window.size_ms
+        if not self.cfg.flink.replica_sync_wait_ms or watermark >= END_OF_INPUT - 2 * size:
+            return
+        beat = (max(watermark, 0) + 1) // size * size + size - 1
+        if beat != shard.heartbeat:
+            ctx.timer_service().register_event_time_timer(beat)
+            shard.heartbeat = beat
 
     def _replica_snapshot(self, shard: Shard) -> bool:
         """Only right after a send (the sync base is then the model), with the ReplicaState beside it."""
