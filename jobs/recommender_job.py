@@ -63,8 +63,6 @@ def _create_tables(t_env: StreamTableEnvironment, cfg: Config, bounded: bool) ->
     t_env.execute_sql(tables.recommendations_sink_ddl(cfg, "recommendations_sink"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "dead_letter_sink", cfg.kafka.dlq_topic, "dlq"))
     t_env.execute_sql(tables.json_sink_ddl(cfg, "metrics_sink", cfg.kafka.metrics_topic, "metrics"))
-    if replica_sync_on(cfg):
-        t_env.execute_sql(tables.sync_sink_ddl(cfg, "sync_sink"))
     t_env.create_temporary_view("classified", t_env.sql_query(tables.classified_query(cfg, "raw_events")))
 
 
@@ -170,7 +168,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # -> keyed by model shard (one model per subtask, its state in Flink checkpoints): micro-batched
     #    online learning, top-K per active user when the window closes, live-metrics records.
     #    At parallelism > 1 the replicas learn as one model: each one's changes of the shared variables go to
-    #    the sync topic (a 'sync' row), which every replica reads itself before each call (RecommendOnlineSynced).
+    #    the sync topic, which every replica reads itself before each call (RecommendOnlineSynced, Kafka clients).
     keyed = _keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
     if replica_sync_on(cfg):
         model_output = keyed.process(RecommendOnlineSynced(cfg, since_ms=int(time.time() * 1000), senders=keys),
@@ -186,8 +184,6 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
                          f"{tables.closed_at_header_sql('closed_at')} FROM model_output WHERE kind = 'rec'")
     sinks.add_insert_sql("INSERT INTO metrics_sink SELECT payload FROM model_output WHERE kind = 'metrics'")
     sinks.add_insert_sql("INSERT INTO dead_letter_sink SELECT payload FROM model_output WHERE kind = 'dlq'")
-    if replica_sync_on(cfg):
-        sinks.add_insert_sql("INSERT INTO sync_sink SELECT user_id, payload FROM model_output WHERE kind = 'sync'")
     sinks.attach_as_datastream()
     return t_env
 

@@ -112,23 +112,6 @@ def json_sink_ddl(cfg: Config, name: str, topic: str, suffix: str) -> str:
 )"""
 
 
-def sync_sink_ddl(cfg: Config, name: str) -> str:
-    """The model replicas' changes (parallelism > 1): key = the sending replica, value = one text record
-    (``udfs.recommend_online.sync_record``). At least once and never transactional: the replicas read it
-    ``read_uncommitted`` within milliseconds of the send, and drop copies by (sender, sequence number)."""
-    options = {"connector": "kafka", "topic": cfg.kafka.sync_topic, **_client_options(cfg),
-               "sink.delivery-guarantee": "none" if cfg.flink.delivery_guarantee == "none" else "at-least-once",
-               "properties.max.request.size": str(64 << 20), "properties.buffer.memory": str(128 << 20),
-               "key.format": "raw", "key.fields": "sender",
-               "value.format": "raw", "value.fields-include": "EXCEPT_KEY"}
-    return f"""CREATE TEMPORARY TABLE {name} (
-  `sender` STRING,
-  `payload` STRING
-) WITH (
-  {_with(options)}
-)"""
-
-
 # An id that needs no JSON escapes: printable ASCII without '"' and '\' (as many bytes as chars), or any
 # characters but '"', '\', controls and U+FFFD (what Java decodes invalid UTF-8 to), at most 4 bytes each.
 _ASCII_ID = r'[ !#-\[\]-~]{1,%d}'

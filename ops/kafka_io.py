@@ -289,3 +289,27 @@ class SyncFeed:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class SyncSender:
+    """A replica's own sync records, produced to ``kafka.sync_topic`` by the replica itself (parallelism > 1),
+    keyed by sender (one partition keeps a sender's records in order). :meth:`send` returns once the broker
+    has the record: a restore then never waits for a delta its sender had logged as sent but that was lost
+    (the sender's restore sends again only what came after its checkpoint). Through a Flink at-least-once
+    Kafka sink instead, records in flight when a failover cancelled the task failed the sink's close and
+    took the surviving TaskManager down with them (docs/ARCHITECTURE.md)."""
+
+    def __init__(self, cfg: Config, timeout_s: float = 60.0):
+        self.topic, self.timeout_s, self.servers = cfg.kafka.sync_topic, timeout_s, cfg.kafka.bootstrap_servers
+        self.producer = Producer({**cfg.kafka.client_properties(), "message.max.bytes": 64 << 20,
+                                  "enable.idempotence": True, "linger.ms": 0, "log_level": 3})
+
+    def send(self, key: str, value: str) -> None:
+        report = DeliveryReport()
+        self.producer.produce(self.topic, key=key.encode(), value=value.encode(), on_delivery=report)
+        if self.producer.flush(self.timeout_s) or report.failed:
+            raise RuntimeError(f"a sync record did not reach {self.topic!r} on {self.servers} within "
+                               f"{self.timeout_s:.0f}s ({report.first_error or 'not acknowledged'})")
+
+    def close(self) -> None:
+        self.producer.flush(self.timeout_s)

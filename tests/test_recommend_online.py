@@ -241,12 +241,26 @@ class FakeSyncFeed:
         pass
 
 
+class FakeSyncSender:
+    """:class:`freshet.ops.kafka_io.SyncSender`: what a replica sent, for the test to put on the topic."""
+
+    def __init__(self, cfg):
+        self.outbox: list[str] = []
+
+    def send(self, key, value):
+        self.outbox.append(value)
+
+    def close(self):
+        pass
+
+
 @pytest.fixture
 def sync_topic(monkeypatch):
-    """Replicas built in the test read this topic."""
+    """Replicas built in the test read this topic; what they send the test puts there (``sync_records``)."""
     from freshet.ops import kafka_io
     topic = FakeSyncTopic()
     monkeypatch.setattr(kafka_io, "SyncFeed", type("Feed", (FakeSyncFeed,), {"topic": topic}))
+    monkeypatch.setattr(kafka_io, "SyncSender", FakeSyncSender)
     return topic
 
 
@@ -270,8 +284,11 @@ class Subtask:
         assert list(self.fn.process_element(window_row(end, quads, self.key), self.ctx.enter())) == []
 
     def fire(self, watermark):
+        """The timers up to ``watermark``: what the function emits, then what it sent (as ("sync", record) rows)."""
         self.ctx.timers.watermark = watermark
-        return list(self.fn.on_timer(min(t for t in self.ctx.timers.timers if t <= watermark), self.ctx.enter()))
+        out = list(self.fn.on_timer(min(t for t in self.ctx.timers.timers if t <= watermark), self.ctx.enter()))
+        sent, self.fn.sender.outbox = self.fn.sender.outbox, []
+        return out + [("sync", str(self.key), record, None) for record in sent]
 
     def shared(self):
         """Item id -> its rows of every shared variable, rounded (float sums of other orders differ in the last bits)."""

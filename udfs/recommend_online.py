@@ -40,9 +40,8 @@ from freshet.models.shared import ReplicaState, SharedDelta, SyncInbox
 # body its (user, item, weight, events) quads as JSON; "dlq": a dead letter found in the JVM, body its JSON.
 INPUT_TYPE = Types.ROW([Types.STRING(), Types.INT(), Types.LONG(), Types.LONG(), Types.STRING()])
 # What leaves this function: (kind, Kafka key, Kafka value, window closed at). kind "rec": a recommendation
-# (CONTRACTS §2) keyed by user; "metrics": a live-metrics record; "dlq": a dead letter passed through;
-# "sync": this replica's changes of the shared model, keyed by its shard (parallelism > 1).
-# The job routes them to their topics in SQL.
+# (CONTRACTS §2) keyed by user; "metrics": a live-metrics record; "dlq": a dead letter passed through.
+# The job routes them to their topics in SQL. (At parallelism > 1 a replica sends its sync records itself.)
 OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload", "closed_at"],
                               [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG()])
 END_OF_INPUT = 2 ** 63 - 1
@@ -258,8 +257,8 @@ class RecommendOnline(KeyedProcessFunction):
         shard.watermark = watermark
         for part in self._calls(shard, closed):   # none when another timer for the same windows already flushed them
             yield from self._call(shard, part)
-        if not closed and (record := self._replica_idle(shard)) is not None:
-            yield Row("sync", str(shard.key), record, None)
+        if not closed:
+            self._replica_idle(shard)
         self._arm(shard, ctx)
         if self._metrics_due(shard, watermark):
             yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
@@ -277,9 +276,7 @@ class RecommendOnline(KeyedProcessFunction):
                                           self.cfg.model.exclude_seen)
         self.flush_log.add(closed[-1][0])
         shard.logged_calls += 1
-        record = self._replica_after_call(shard, closed)
-        if record is not None:
-            yield Row("sync", str(shard.key), record, None)
+        self._replica_after_call(shard, closed)
         shard.last_call_ms = (time.perf_counter() - started) * 1000
         shard.model_call_seconds += shard.last_call_ms / 1000
         self.flushes.inc()
@@ -307,17 +304,15 @@ class RecommendOnline(KeyedProcessFunction):
     def _replica_before_call(self, shard: Shard, closed) -> None:
         """Before a model call that learns and lists ``closed``."""
 
-    def _replica_after_call(self, shard: Shard, closed) -> str | None:
-        """After a model call: a sync record to send, if any."""
-        return None
+    def _replica_after_call(self, shard: Shard, closed) -> None:
+        """After a model call."""
 
     def _replica_snapshot(self, shard: Shard) -> bool:
         """Whether a due snapshot may be taken now (always), after writing what the replica keeps with it."""
         return True
 
-    def _replica_idle(self, shard: Shard) -> str | None:
-        """A timer that closed no window: a sync record to send, if any."""
-        return None
+    def _replica_idle(self, shard: Shard) -> None:
+        """A timer that closed no window."""
 
     def _publish_levels(self, shard: Shard) -> None:
         """The operator's levels, from the shard that made the last call."""
@@ -398,13 +393,14 @@ class RecommendOnlineSynced(RecommendOnline):
 
     def open(self, runtime_context):
         super().open(runtime_context)
-        from freshet.ops.kafka_io import SyncFeed
+        from freshet.ops.kafka_io import SyncFeed, SyncSender
         # The replica's ReplicaState as of the snapshot (JSON), and what it did since, in order with the
         # flush log's calls: "apply <call> <sender> <seq>" (before that call), "send <call>" (after it).
         self.sync_meta = runtime_context.get_list_state(ListStateDescriptor("sync", Types.STRING()))
         self.sync_log = runtime_context.get_list_state(ListStateDescriptor("sync_log", Types.STRING()))
         self.run = str(self.since_ms)    # the exchange of replicas started from scratch by this job
         self.feed = SyncFeed(self.cfg, self.since_ms)    # started once the shard's state is known
+        self.sender = SyncSender(self.cfg)
         self.inboxes: dict[int, SyncInbox] = {}          # shard key -> its inbox (one shard per subtask)
         self.received = 0                                # other replicas' deltas read (copies not counted)
         self.restore_wait_s = 120.0                      # for a logged delta to be read again on restore
@@ -412,6 +408,7 @@ class RecommendOnlineSynced(RecommendOnline):
 
     def close(self):
         self.feed.close()
+        self.sender.close()
 
     # ---- the replica's part of restore, calls and snapshots (hooks of RecommendOnline) -------------
     def _replica_restored(self, shard: Shard) -> dict:
@@ -510,34 +507,34 @@ class RecommendOnlineSynced(RecommendOnline):
             self._read_feed(timeout=0.01)
         shard.sync_wait_s += time.monotonic() - started
 
-    def _replica_after_call(self, shard: Shard, closed) -> str | None:
-        """This replica's changes since it last sent, once it has learned ``flink.replica_sync_events`` events
-        since (a sync record; None when not due or nothing changed)."""
+    def _replica_after_call(self, shard: Shard, closed) -> None:
+        """Send this replica's changes since it last sent, once it has learned ``flink.replica_sync_events``
+        events since."""
         self._replica_learned(shard, closed)
         if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
-            return None
+            return
         upto = closed[-1][0]     # the timer's last call has learned every window up to its watermark
-        return self._send(shard, upto, max(upto, shard.watermark + 1) if upto == self.last_end else upto)
+        self._send(shard, upto, max(upto, shard.watermark + 1) if upto == self.last_end else upto)
 
-    def _replica_idle(self, shard: Shard) -> str | None:
+    def _replica_idle(self, shard: Shard) -> None:
         """A timer with no window of this replica's (its heartbeat): while others wait for its progress, it
         tells them how far it has got, with whatever it has not sent yet (a send, logged like any)."""
         progress = shard.watermark + 1
-        if not self.cfg.flink.replica_sync_wait_ms or (shard.sync_target is not None and progress <= shard.sync_target):
-            return None
-        return self._send(shard, progress, progress)
+        if self.cfg.flink.replica_sync_wait_ms and (shard.sync_target is None or progress > shard.sync_target):
+            self._send(shard, progress, progress)
 
-    def _send(self, shard: Shard, upto: int, progress: int) -> str | None:
-        """Export this replica's changes since its last send as its next sync record (logged for a restore)."""
+    def _send(self, shard: Shard, upto: int, progress: int) -> None:
+        """Export this replica's changes since its last send and send them as its next sync record (logged for
+        a restore; the send returns once the broker has it)."""
         self.sync_log.add(f"send {shard.logged_calls}")
         shard.sync.unsent_events = 0
         delta = shard.model.export_shared()
         if not self._sends(delta):
-            return None
+            return
         shard.sync_target = progress
         record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=upto, progress=progress)
         shard.sync_bytes += len(record)
-        return record
+        self.sender.send(str(shard.key), record)
 
     def _arm(self, shard: Shard, ctx, window_end: int | None = None) -> None:
         """Also, while others may wait for this replica's progress, a timer at the next window end after the
