@@ -77,7 +77,11 @@ def paced_run(setup, name, capsys, fault=None) -> dict:
 
 
 def final_metrics(result) -> list[dict]:
-    return [m for m in result["metrics"] if m["watermark"] is None]
+    """Each shard's last live-metrics record (a drained job writes no end-of-input record)."""
+    last = {}
+    for m in result["metrics"]:
+        last[m["shard"]] = m
+    return list(last.values())
 
 
 def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing(setup, capsys):
@@ -105,6 +109,6 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
               f"applied after the restore {[m['sync_applied'] for m in ends]}")
     assert restored, "the job must have restored from a checkpoint"
     check_recovered_run(result, reference, log_df, cfg.window.size_ms)
-    assert len(ends) == 2, "one end-of-input record per shard"
+    assert len(ends) == 2, "live metrics from both shards"
     assert all(m["restored_model_version"] > 0 for m in ends), "both replicas must have been restored"
     assert all(m["sync_applied"] > 0 for m in ends), "the replicas must sync again after the restore"
