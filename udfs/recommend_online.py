@@ -366,9 +366,10 @@ class RecommendOnlineSynced(RecommendOnline):
     """:class:`RecommendOnline` for replicas of one model (parallelism > 1).
 
     Each replica learns from its own users' windows. After a call it sends what its learning changed in
-    the shared variables (a ``sync`` row for the sync topic, once it has learned ``flink.replica_sync_events``
-    events since its last send); before a call it reads the sync topic itself (:class:`SyncFeed`, beside
-    Flink's inputs: read as a second Flink input, deltas waited behind the operator's backlog) and applies
+    the shared variables to the sync topic itself (:class:`SyncSender`; once it has learned
+    ``flink.replica_sync_events`` events since its last send); before a call it reads the topic itself
+    (:class:`SyncFeed`, beside Flink's inputs: read as a second Flink input, deltas waited behind the
+    operator's backlog), waits for the others to catch up (``flink.replica_sync_wait_ms``) and applies
     every other replica's deltas that have arrived, in each sender's sequence, as far as their events
     precede the first window the call lists (:class:`SyncInbox`).
 
