@@ -479,7 +479,6 @@ class RecommendOnlineSynced(RecommendOnline):
         """With ``flink.replica_sync_events`` > 0, calls of at most about that many events (whole windows), so
         that the replica sends and applies at least that often however many windows one watermark closes."""
         every = self.cfg.flink.replica_sync_events
-        self.last_end = closed[-1][0] if closed else None
         if not every:
             return super()._calls(shard, closed)
         calls, part, events = [], [], shard.sync.unsent_events
@@ -514,8 +513,8 @@ class RecommendOnlineSynced(RecommendOnline):
         self._replica_learned(shard, closed)
         if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
             return
-        upto = closed[-1][0]     # the timer's last call has learned every window up to its watermark
-        self._send(shard, upto, max(upto, shard.watermark + 1) if upto == self.last_end else upto)
+        upto = closed[-1][0]     # the timer's last call (its window is the last closed) has learned every window
+        self._send(shard, upto, max(upto, shard.watermark + 1) if upto == max(shard.closed_at) else upto)
 
     def _replica_idle(self, shard: Shard) -> None:
         """A timer with no window of this replica's (its heartbeat): while others wait for its progress, it
@@ -538,11 +537,12 @@ class RecommendOnlineSynced(RecommendOnline):
         self.sender.send(str(shard.key), record)
 
     def _arm(self, shard: Shard, ctx, window_end: int | None = None) -> None:
-        """Also, while others may wait for this replica's progress, a timer at the next window end after the
-        watermark (its heartbeat): a replica whose users have no window there still reports its progress."""
+        """Also, after a timer, while others may wait for this replica's progress, a timer at the next window end
+        after the watermark (its heartbeat): a replica whose users have no window there still reports its
+        progress. (Not per window row: the first row's window timer fires first, and no JVM call per row.)"""
         super()._arm(shard, ctx, window_end)
-        watermark, size = ctx.timer_service().current_watermark(), self.cfg.window.size_ms
-        if not self.cfg.flink.replica_sync_wait_ms or watermark >= END_OF_INPUT - 2 * size:
+        watermark, size = shard.watermark, self.cfg.window.size_ms
+        if window_end is not None or not self.cfg.flink.replica_sync_wait_ms or watermark >= END_OF_INPUT - 2 * size:
             return
         beat = (max(watermark, 0) + 1) // size * size + size - 1
         if beat != shard.heartbeat:
