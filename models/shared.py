@@ -219,27 +219,47 @@ class SyncBase:
             base[[r for r in rows if r < len(base)]] = v.fill
 
 
+def parse_life(text: str) -> tuple[int, int]:
+    """A life as records carry it, ``<job build time ms>.<attempt>``, in the order lives follow one another.
+
+    >>> parse_life("1700000000000.2") < parse_life("1700000000000.10") < parse_life("1700000000001.0")
+    True
+    """
+    job, _, attempt = text.partition(".")
+    return int(job), int(attempt or 0)
+
+
 class SyncRecord(NamedTuple):
     """One delta of a replica as it travels on the sync topic, one text record:
-    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <base64 of the npz>``. ``run``: the exchange it
-    belongs to (replicas started from scratch together share one); ``upto``: the last ``window_end`` the
-    sender had learned, so the delta holds events before it only; ``progress``: the sender has learned
-    every window of its own that ends before it (its watermark, for the last call of a timer)."""
+    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <life> <base> <base64 of the npz>``. ``run``: the
+    exchange it belongs to (replicas started from scratch together share one); ``upto``: the last
+    ``window_end`` the sender had learned, so the delta holds events before it only; ``progress``: the sender
+    has learned every window of its own that ends before it (its watermark, for the last call of a timer);
+    ``life``: the sender's life (the job's build time and the task's attempt: a failover or a resume starts
+    a new one, which every replica restored with it shares); ``base``: how many deltas the sender had sent
+    when its life began (its restored count). A *marker* (``seq == base``, no payload) opens a life."""
     run: str
     sender: int
     seq: int
     sent_at: int
     upto: int
     progress: int
+    life: tuple[int, int]
+    base: int
     text: str
 
     @classmethod
     def parse(cls, text: str) -> "SyncRecord":
-        run, sender, seq, sent_at, upto, progress, _ = text.split(" ", 6)
-        return cls(run, int(sender), int(seq), int(sent_at), int(upto), int(progress), text)
+        run, sender, seq, sent_at, upto, progress, life, base, _ = text.split(" ", 8)
+        return cls(run, int(sender), int(seq), int(sent_at), int(upto), int(progress), parse_life(life), int(base),
+                   text)
+
+    @property
+    def marker(self) -> bool:
+        return self.seq == self.base
 
     def payload(self) -> bytes:
-        return base64.b64decode(self.text.split(" ", 6)[6])
+        return base64.b64decode(self.text.split(" ", 8)[8])
 
 
 @dataclass
@@ -247,12 +267,16 @@ class ReplicaState:
     """A replica's place in the exchange, kept with its model snapshot: its own key (the sender name of its
     deltas), its exchange (``run``), how many deltas it sent, the last it applied of every other replica's
     (they apply in sequence, each once), the events it learned since it last sent, and where its reading of
-    the sync topic goes on (partition -> offset: no delta it has not applied lies before).
+    the sync topic goes on (partition -> offset: no delta it has not applied lies before). Not kept: its
+    ``life`` and the count it began it with (``base``), set when it is loaded (:meth:`begin`).
 
-    >>> r = ReplicaState(own=2, run="r1"); rec = SyncRecord.parse(r.record(b"npz", 1000, upto=60000))
-    >>> r.sent, rec.sender, rec.seq, rec.sent_at, rec.upto, rec.payload()
-    (1, 2, 1, 1000, 60000, b'npz')
-    >>> ReplicaState.from_text(r.to_text()) == r
+    >>> r = ReplicaState(own=2, run="r1"); opening = SyncRecord.parse(r.begin((7, 1), 900))
+    >>> opening.marker, opening.life, opening.base
+    (True, (7, 1), 0)
+    >>> rec = SyncRecord.parse(r.record(b"npz", 1000, upto=60000))
+    >>> r.sent, rec.sender, rec.seq, rec.sent_at, rec.upto, rec.life, rec.base, rec.marker, rec.payload()
+    (1, 2, 1, 1000, 60000, (7, 1), 0, False, b'npz')
+    >>> ReplicaState.from_text(r.to_text()).sent == r.sent
     True
     """
     own: int
@@ -261,12 +285,22 @@ class ReplicaState:
     applied: dict[int, int] = field(default_factory=dict)
     unsent_events: int = 0
     positions: dict[int, int] = field(default_factory=dict)
+    life: tuple[int, int] = (0, 0)
+    base: int = 0
+
+    def begin(self, life: tuple[int, int], now_ms: int) -> str:
+        """Start ``life`` from the deltas sent so far; returns the marker that tells the others so."""
+        self.life, self.base = tuple(life), self.sent
+        return self._text(self.sent, now_ms, 0, 0, b"")
 
     def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> str:
         """The next delta of this replica as a sync record (numbered in sequence from 1)."""
         self.sent += 1
-        return (f"{self.run} {self.own} {self.sent} {int(now_ms)} {int(upto)} {int(upto if progress is None else progress)} "
-                f"{base64.b64encode(delta).decode('ascii')}")
+        return self._text(self.sent, now_ms, upto, upto if progress is None else progress, delta)
+
+    def _text(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> str:
+        return (f"{self.run} {self.own} {seq} {int(now_ms)} {int(upto)} {int(progress)} "
+                f"{self.life[0]}.{self.life[1]} {self.base} {base64.b64encode(delta).decode('ascii')}")
 
     def to_text(self) -> str:
         return json.dumps({"own": self.own, "run": self.run, "sent": self.sent, "unsent_events": self.unsent_events,
@@ -289,8 +323,16 @@ class SyncInbox:
     the replica lists next, so a list never reflects another replica's events after its ``window_end``
     however far ahead that replica is in event time.
 
-    >>> state = ReplicaState(own=1, run="r"); inbox = SyncInbox(state)
-    >>> other = ReplicaState(own=2, run="r"); texts = [other.record(b"d", 0, upto) for upto in (60, 120)]
+    Lives (the junction after a failure): a sender's deltas of an earlier life than the replica's own are
+    those it sent before the checkpoint that both restored from (numbered up to the ``base`` it restored
+    with: still to be applied) or after it (in the failed life: void, the restored sender makes those calls
+    again and sends their deltas again under the same numbers). Which is which is known once the sender's
+    marker of the current life is read: until then they wait. (A checkpoint cuts every replica at one
+    watermark, and a delta applies only before a call whose windows all end after its ``upto``: so no
+    replica applied, before the cut, a delta sent after it.)
+
+    >>> state = ReplicaState(own=1, run="r", life=(5, 0)); inbox = SyncInbox(state)
+    >>> other = ReplicaState(own=2, run="r", life=(5, 0)); texts = [other.record(b"d", 0, upto) for upto in (60, 120)]
     >>> [inbox.add(0, offset, t).seq for offset, t in enumerate(texts)], inbox.add(0, 2, texts[0])
     ([1, 2], None)
     >>> [r.seq for r in inbox.due(before=60)], state.applied, inbox.positions({0: 3})
@@ -300,25 +342,47 @@ class SyncInbox:
     def __init__(self, state: ReplicaState):
         self.state = state
         self.waiting: dict[tuple[int, int], tuple[int, int, SyncRecord]] = {}   # (sender, seq) -> (partition, offset, record)
-        self.progress: dict[int, int] = {}     # sender -> the highest progress read of it
+        self.progress: dict[int, int] = {}     # sender -> the highest progress read of it in this life
+        self.bases: dict[int, int] = {}        # sender -> the count it began this life (or a later one) with
 
     def add(self, partition: int, offset: int, text: str) -> SyncRecord | None:
-        """Keep a record read at ``partition``/``offset`` (returned) unless it is not for this replica or a copy."""
+        """Keep a record read at ``partition``/``offset`` (returned) unless it is not for this replica, a copy,
+        a marker or void."""
         rec = SyncRecord.parse(text)
-        key = (rec.sender, rec.seq)
-        if rec.run == self.state.run:
+        if rec.run != self.state.run or rec.sender == self.state.own:
+            return None
+        current = rec.life >= self.state.life
+        if current:
             self.progress[rec.sender] = max(self.progress.get(rec.sender, rec.progress), rec.progress)
-        if (rec.run != self.state.run or rec.sender == self.state.own or key in self.waiting
-                or rec.seq <= self.state.applied.get(rec.sender, 0)):
+            if rec.sender not in self.bases:
+                self._opened(rec.sender, rec.base)
+        if rec.marker or rec.seq <= self.state.applied.get(rec.sender, 0) or not (current or self._valid(rec)):
+            return None
+        key = (rec.sender, rec.seq)
+        if key in self.waiting and self.waiting[key][2].life >= rec.life:
             return None
         self.waiting[key] = (partition, offset, rec)
         return rec
 
+    def _valid(self, rec: SyncRecord) -> bool:
+        """For a delta of an earlier life: sent before the checkpoint (True), or not known yet (True: it waits)."""
+        base = self.bases.get(rec.sender)
+        return base is None or rec.seq <= base
+
+    def _opened(self, sender: int, base: int) -> None:
+        """``sender``'s current life began at ``base``: its waiting deltas of earlier lives above it are void."""
+        self.bases[sender] = base
+        for key in [k for k, (_, _, r) in self.waiting.items()
+                    if r.sender == sender and r.life < self.state.life and r.seq > base]:
+            del self.waiting[key]
+
     def due(self, before: int):
-        """Each sender's next deltas in sequence with ``upto <= before``, marked applied as they are handed out."""
+        """Each sender's next deltas in sequence with ``upto <= before``, marked applied as they are handed out
+        (a delta of an earlier life only once the sender's current life has said where it began)."""
         for sender in sorted({s for s, _ in self.waiting}):
             seq = self.state.applied.get(sender, 0) + 1
-            while (entry := self.waiting.get((sender, seq))) is not None and entry[2].upto <= before:
+            while ((entry := self.waiting.get((sender, seq))) is not None and entry[2].upto <= before
+                   and (entry[2].life >= self.state.life or sender in self.bases)):
                 del self.waiting[(sender, seq)]
                 self.state.applied[sender] = seq
                 yield entry[2]

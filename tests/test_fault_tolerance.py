@@ -20,6 +20,8 @@ from freshet.ops.flink_cluster import LocalFlinkCluster
 from freshet.ops.kafka_local import LocalKafka
 from freshet.scripts.cli import main
 
+from .lists import assert_one_list_per_user_window
+
 pytestmark = pytest.mark.integration
 FAULT_REST_PORT = 18091
 
@@ -119,11 +121,8 @@ def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 
 
 
 def check_recovered_run(result, reference, df, window_ms, rel=0.02):
-    keys = [(r["user_id"], r["window_end"]) for r in result["recs"]]
-    assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} duplicate (user_id, window_end)"
-    expected = {(u, t - t % window_ms + window_ms) for u, t in zip(df["user_id"], df["ts"])}
-    assert set(keys) == expected, (f"missing {len(expected - set(keys))}, unexpected {len(set(keys) - expected)} "
-                                   "(user, window) lists")
+    assert_one_list_per_user_window([(r["user_id"], r["window_end"]) for r in result["recs"]],
+                                    {(u, t - t % window_ms + window_ms) for u, t in zip(df["user_id"], df["ts"])})
     assert result["dead"] == [], "every ML-100K record is valid: none may be dead-lettered"
     assert result["hr"] == pytest.approx(reference["hr"], rel=rel), (result["hr"], reference["hr"])
 

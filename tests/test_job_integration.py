@@ -8,6 +8,8 @@ import pytest
 
 from freshet.ops import kafka_io
 
+from .lists import assert_one_list_per_user_window
+
 pytestmark = pytest.mark.integration
 
 T0 = 1_700_000_040_000           # deliberately not window-aligned
@@ -76,9 +78,7 @@ def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad
     # Exactly one list per (user, window) in which the user had accepted events.
     expected = {(e["user_id"], e["ts"] - e["ts"] % WINDOW + WINDOW) for e in events}
     got = [json.loads(m.value) for m in recs]
-    keys = [(r["user_id"], r["window_end"]) for r in got]
-    assert len(keys) == len(set(keys)), "duplicate (user_id, window_end) for a read_committed reader"
-    assert set(keys) == expected
+    assert_one_list_per_user_window([(r["user_id"], r["window_end"]) for r in got], expected)
 
     # Every contract field and invariant.
     seen_before = defaultdict(set)
@@ -138,9 +138,8 @@ def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_ge
     run_job(cfg, bounded=True)
 
     got = [json.loads(m.value) for m in kafka_io.read_topic(cfg, cfg.kafka.output_topic)]
-    keys = [(r["user_id"], r["window_end"]) for r in got]
-    assert len(keys) == len(set(keys)), "duplicate (user_id, window_end) for a read_committed reader"
-    assert set(keys) == {(e["user_id"], e["ts"] - e["ts"] % WINDOW + WINDOW) for e in events}
+    assert_one_list_per_user_window([(r["user_id"], r["window_end"]) for r in got],
+                                    {(e["user_id"], e["ts"] - e["ts"] % WINDOW + WINDOW) for e in events})
 
     final = [m for m in kafka_io.read_json(cfg, cfg.kafka.metrics_topic) if m["watermark"] is None]
     assert len({m["shard"] for m in final}) == len(final) == 2, "one end-of-input record per shard"
@@ -151,7 +150,7 @@ def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_ge
     sent = {m["shard"]: m["sync_sent"] for m in final}
     for m in final:      # each replica sent after its calls; it applies only the other's, each delta once (whether
         other = ({0, 2} - {m["shard"]}).pop()          # one arrives before the last call is a race on 3 windows)
-        assert m["sync_sent"] >= 1 and m["sync_bytes_sent"] > 0, m
+        assert m["sync_sent"] >= 1 and m["sync_bytes_sent"] > 0 and m["attempt"] == m["sync_base"] == 0, m
         assert m["sync_applied"] == sum(m["sync_applied_of"].values()) <= sent[other], m
         assert set(m["sync_applied_of"]) <= {str(other)}, m
     assert sum(m["items"] for m in final) > len({e["item_id"] for e in events}), "items shared by both replicas"

@@ -93,6 +93,7 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
     reference = paced_run(setup, "reference", capsys)
     ends = final_metrics(reference)
     assert len(ends) == 2 and all(m["shards_on_subtask"] == 1 and m["sync_applied"] > 0 for m in ends), ends
+    assert all(m["attempt"] == 0 for m in ends), "no restart in the uninterrupted run"
     killed = {}
 
     def kill_one_taskmanager(run, job):
@@ -116,3 +117,5 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
     assert len(ends) == 2, "live metrics from both shards"
     assert all(m["restored_model_version"] > 0 for m in ends), "both replicas must have been restored"
     assert all(m["sync_applied"] > 0 for m in ends), "the replicas must sync again after the restore"
+    assert all(m["attempt"] >= 1 and m["sync_base"] > 0 for m in ends), \
+        "both replicas in a new life that began from the deltas they had sent before the checkpoint"

@@ -69,7 +69,7 @@ class FakeKeyedListState:
 
 class FakeRuntimeContext:
     def __init__(self):
-        self.metrics, self.states, self.current = FakeMetrics(), {}, 0
+        self.metrics, self.states, self.current, self.attempt = FakeMetrics(), {}, 0, 0
 
     def get_list_state(self, descriptor):
         return self.states.setdefault(descriptor.name, FakeKeyedListState(self))
@@ -78,7 +78,7 @@ class FakeRuntimeContext:
         return self.metrics
 
     def get_attempt_number(self):
-        return 0
+        return self.attempt
 
 
 class FakeTimers:
@@ -297,8 +297,16 @@ class Subtask:
         return {i: tuple(np.round(x[r], 5).tolist() for x in values) for r, i in enumerate(m.items.ids) if i}
 
 
-def sync_records(out):
-    return [r[2] for r in out if r[0] == "sync"]
+def sync_records(out, markers=True):
+    """What a replica sent; ``markers=False``: its deltas only (not the marker a replica sends when it loads)."""
+    return [r[2] for r in out if r[0] == "sync" and (markers or not SyncRecord.parse(r[2]).marker)]
+
+
+def restored(subtask, cfg, attempt=1):
+    """``subtask`` as its checkpoint (the keyed state as it is now) restores it, in the task's next attempt."""
+    runtime = copy.deepcopy(subtask.rc)
+    runtime.attempt = attempt
+    return Subtask(cfg, subtask.key, runtime=runtime)
 
 
 def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_once(cfg, sync_topic):
@@ -310,7 +318,8 @@ def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_onc
     a.window(60000, [["u1", "x", 1.0, 1], ["u1", "y", 2.0, 1]])
     b.window(60000, [["v1", "y", 1.0, 1], ["v1", "z", 1.0, 1]])
     sent_a, sent_b = sync_records(a.fire(70000)), sync_records(b.fire(70000))
-    assert len(sent_a) == len(sent_b) == 1
+    assert [SyncRecord.parse(r).marker for r in sent_a + sent_b] == [True, False, True, False]
+    sent_a, sent_b = sent_a[1:], sent_b[1:]
     sync_topic.records += sent_a + sent_b + sent_a       # at least once: a copy
     a.window(120000, [["u1", "z", 1.0, 1]])
     b.window(120000, [["v1", "x", 1.0, 1]])
@@ -392,17 +401,24 @@ def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_
     assert snapshots == (1 if snapshot_first_call else 0)
     if not sync_events:
         assert a.fn.shards[0].sync.applied == {2: 1}    # b's first delta, applied after any snapshot: redone
-    restored = Subtask(job_cfg, 0, runtime=copy.deepcopy(a.rc))   # as checkpointed; the topic is Kafka's
-    end, qa, _ = rounds[2]
-    for s in (a, restored):
+    again, b_again = restored(a, job_cfg), restored(b, job_cfg)     # as checkpointed; the topic is Kafka's
+    end, qa, qb = rounds[2]
+    b_again.window(end, qb)              # b restores too: its marker says its deltas so far were sent before
+    sync_topic.records += b_again.fn.sender.outbox
+    for s in (a, again):
         s.window(end, qa)
-    out_a, out_r = a.fire(end + 10000), restored.fire(end + 10000)
-    assert restored.fn.shards[0].restored_windows == (1 if snapshot_first_call else 3)
-    assert restored.shared() == a.shared()
+    out_a, out_r = a.fire(end + 10000), again.fire(end + 10000)
+    assert again.fn.shards[0].restored_windows == (1 if snapshot_first_call else 3)
+    assert again.shared() == a.shared()
     assert [json.loads(r[2])["items"] for r in out_r if r[0] == "rec"] == \
         [json.loads(r[2])["items"] for r in out_a if r[0] == "rec"]
-    sent = [[f for j, f in enumerate(r.split(" ")) if j != 3] for r in sync_records(out_a)]   # all but sent_at
-    assert len(sent) == 1 and [[f for j, f in enumerate(r.split(" ")) if j != 3] for r in sync_records(out_r)] == sent
+
+    def fields(records):                        # all but sent_at, life and base
+        return [[f for j, f in enumerate(r.split(" ")) if j not in (3, 6, 7)] for r in records]
+    sent = fields(sync_records(out_a, markers=False))
+    assert len(sent) == 1 and fields(sync_records(out_r, markers=False)) == sent
+    marker = SyncRecord.parse(sync_records(out_r)[0])
+    assert marker.marker and marker.life == (1000, 1) and marker.base == a.fn.shards[0].sync.sent - 1
 
 
 def test_a_restore_whose_logged_delta_is_gone_from_the_topic_fails_with_a_clear_error(cfg, sync_topic):
@@ -416,7 +432,62 @@ def test_a_restore_whose_logged_delta_is_gone_from_the_topic_fails_with_a_clear_
     a.fire(130000)                               # applied b's delta 1, logged
     assert a.fn.shards[0].sync.applied == {2: 1}
     sync_topic.records.clear()                   # expired
-    restored = Subtask(job_cfg, 0, runtime=copy.deepcopy(a.rc))
-    restored.fn.restore_wait_s = 0.0
+    again = restored(a, job_cfg)
+    again.fn.restore_wait_s = 0.0
     with pytest.raises(RuntimeError, match="delta 1 of replica 2 is logged as applied but was not found"):
-        restored.window(180000, [["u1", "z", 1.0, 1]])
+        again.window(180000, [["u1", "z", 1.0, 1]])
+
+
+def test_after_a_failover_a_replica_applies_a_senders_new_deltas_not_those_of_its_failed_life(cfg, sync_topic):
+    """The junction after a failure: both replicas restore from one checkpoint in the task's next attempt, and
+    what a sender sent after the checkpoint is void (it makes those calls again, here on other input, and sends
+    the same numbers again). A receiver holds the sender's deltas of the failed life until the sender's marker
+    says where its new life began, then applies those sent before the checkpoint and the new ones, so both
+    come to the model of replicas that never failed."""
+    job_cfg = synced_cfg(cfg)
+    a1, a2, a3 = [["u1", "x", 1.0, 1], ["u1", "y", 2.0, 1]], [["u1", "z", 1.0, 1]], [["u2", "w", 1.0, 1]]
+    b1, b3 = [["v1", "y", 1.0, 1], ["v1", "z", 1.0, 1]], [["v2", "x", 1.0, 1]]
+    b2_failed, b2 = [["v1", "w", 3.0, 2], ["v3", "q", 1.0, 1]], [["v1", "x", 1.0, 1]]
+
+    # Replicas that never fail, the deltas of each round arriving as they do below.
+    c, d = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    c.window(60000, a1)
+    d.window(60000, b1)
+    first = sync_records(c.fire(70000)) + sync_records(d.fire(70000))
+    c.window(120000, a2)
+    d.window(120000, b2)
+    sync_topic.records += [r for r in first if SyncRecord.parse(r).sender == 0]
+    sync_topic.records += sync_records(c.fire(130000))
+    sync_topic.records += [r for r in first if SyncRecord.parse(r).sender == 2] + sync_records(d.fire(130000))
+    c.window(180000, a3)
+    d.window(180000, b3)
+    sync_topic.records += sync_records(d.fire(190000))
+    c.fire(190000)
+    reference = c.shared()
+    sync_topic.records.clear()
+
+    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
+    a.window(60000, a1)
+    b.window(60000, b1)
+    sync_topic.records += sync_records(a.fire(70000)) + sync_records(b.fire(70000))
+    cut_a, cut_b = copy.deepcopy(a.rc), copy.deepcopy(b.rc)        # the checkpoint
+    a.window(120000, a2)
+    b.window(120000, b2_failed)
+    sync_topic.records += sync_records(a.fire(130000)) + sync_records(b.fire(130000))   # the failed life's
+    assert a.fn.shards[0].sync.applied == {2: 1}
+
+    cut_a.attempt = cut_b.attempt = 1
+    a, b = Subtask(job_cfg, 0, runtime=cut_a), Subtask(job_cfg, 2, runtime=cut_b)
+    a.window(120000, a2)
+    sync_topic.records += sync_records(a.fire(130000))      # b has not loaded yet: no marker of its new life
+    assert a.fn.shards[0].sync.applied == {} and {(2, 1), (2, 2)} <= set(a.fn.inboxes[0].waiting), \
+        "deltas of b's failed life wait for its marker"
+    b.window(120000, b2)
+    sync_topic.records += sync_records(b.fire(130000))      # its marker (base 1), then its new delta 2
+    a.window(180000, a3)
+    b.window(180000, b3)
+    sync_topic.records += sync_records(b.fire(190000))
+    a.fire(190000)
+    assert a.fn.shards[0].sync.applied == {2: 3} and a.fn.inboxes[0].waiting == {}
+    assert a.shared() == reference, "b's delta 2 of the failed life must be void, its new one applied"
+    assert b.fn.shards[2].sync.applied == {0: 2}

@@ -357,6 +357,15 @@ class RecommendOnline(KeyedProcessFunction):
 
 
 
+def attempt_number(runtime_context) -> int:
+    """The subtask's execution attempt (0 first; one more at each restart of its task). PyFlink 2.x's thread
+    mode asks Flink's RuntimeContext for getAttemptNumber, which Flink 2 moved to its TaskInfo."""
+    try:
+        return int(runtime_context.get_attempt_number())
+    except Exception:        # thread mode: the Java RuntimeContext's own call (pemja raises its own errors)
+        return int(runtime_context._runtime_context.getTaskInfo().getAttemptNumber())
+
+
 def _events(closed) -> int:
     """Accepted events in closed windows' increments."""
     return sum(inc.events for _, increments in closed for inc in increments)
@@ -378,13 +387,15 @@ class RecommendOnlineSynced(RecommendOnline):
     the calls. A restore re-reads the topic from those positions and re-does calls, applies and sends in
     their logged order, so it comes back to exactly the checkpoint's model. The topic is at least once
     and read uncommitted (docs/ARCHITECTURE.md says why): a copy of a delta is dropped by its sequence
-    number; after a failure a sender may send a sequence number again with other contents, of which a
-    receiver keeps the first (the replicas then differ by at most that delta).
+    number. After a failure every replica restores from one checkpoint in a new *life* (the job's build
+    time and the task's attempt) and sends the numbers it sent after the checkpoint again, with other
+    contents: a receiver applies a sender's deltas of the failed life only up to the count the sender's
+    marker says it restored (:class:`SyncInbox`), and the new ones after.
 
     ``since_ms``: when the job was built. A fresh replica reads the topic from there, and the replicas
     started from scratch by the job form one exchange (``run``); restored ones keep theirs. (A job that
-    fails before its first checkpoint restarts every replica from scratch in the same exchange: the deltas
-    its first attempt sent count as sent, as after any failure above.)
+    fails before its first checkpoint restarts every replica from scratch in the same exchange, in a new
+    life that begins at 0: what its first attempt sent is void.)
     """
 
     def __init__(self, cfg: Config, since_ms: int, senders):
@@ -400,6 +411,9 @@ class RecommendOnlineSynced(RecommendOnline):
         self.sync_meta = runtime_context.get_list_state(ListStateDescriptor("sync", Types.STRING()))
         self.sync_log = runtime_context.get_list_state(ListStateDescriptor("sync_log", Types.STRING()))
         self.run = str(self.since_ms)    # the exchange of replicas started from scratch by this job
+        # This replica's life: the job and the attempt (a failover restarts every replica's task as the next
+        # attempt, all from one checkpoint; a resume is a new job). Deltas of earlier lives: SyncInbox.
+        self.life = (self.since_ms, attempt_number(runtime_context))
         self.feed = SyncFeed(self.cfg, self.since_ms)    # started once the shard's state is known
         self.sender = SyncSender(self.cfg)
         self.inboxes: dict[int, SyncInbox] = {}          # shard key -> its inbox (one shard per subtask)
@@ -412,6 +426,14 @@ class RecommendOnlineSynced(RecommendOnline):
         self.sender.close()
 
     # ---- the replica's part of restore, calls and snapshots (hooks of RecommendOnline) -------------
+    def _shard(self, key: int) -> Shard:
+        """Once a shard is loaded (restored or new), its marker opens its life for the others (SyncInbox)."""
+        loaded = key in self.shards
+        shard = super()._shard(key)
+        if not loaded:
+            self.sender.send(str(shard.key), shard.sync.begin(self.life, time.time() * 1000))
+        return shard
+
     def _replica_restored(self, shard: Shard) -> dict:
         """Start the sync from the loaded model (a snapshot is always taken right after a send, so it is the
         base), with the ReplicaState kept beside it, and read the topic from where that state says; returns
@@ -419,6 +441,7 @@ class RecommendOnlineSynced(RecommendOnline):
         shard.model.start_sync()
         meta = next(iter(self.sync_meta.get() or []), None)
         shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key, run=self.run)
+        shard.sync.life = self.life
         wanted = [shard.sync.positions] + [inbox.positions(self.feed.positions()) for inbox in self.inboxes.values()]
         self.inboxes[shard.key] = SyncInbox(shard.sync)
         self.feed.start({p: min(w[p] for w in wanted) for p in set.intersection(*(set(w) for w in wanted))})
@@ -568,6 +591,7 @@ class RecommendOnlineSynced(RecommendOnline):
         return {**super()._metrics(shard, watermark),
                 "sync_sent": shard.sync.sent, "sync_bytes_sent": shard.sync_bytes,
                 "sync_applied": shard.sync_applied, "sync_applied_of": dict(sorted(shard.sync.applied.items())),
+                "attempt": self.life[1], "sync_base": shard.sync.base,
                 "sync_lag_ms_mean": round(sum(lag) / len(lag), 1) if lag else None,
                 "sync_lag_ms_max": round(max(lag), 1) if lag else None,
                 "sync_received": self.received, "sync_arrival_lag_ms_max": round(max(arrived), 1) if arrived else None,
