@@ -159,6 +159,15 @@ def _names(text: str) -> list[str]:
 
 
 def cmd_bench(args) -> int:
+    if args.parallelism:
+        from freshet.ops.sweep import sweep
+        try:
+            parallelisms = [int(x) for x in _names(args.parallelism)]
+        except ValueError:
+            print(f"--parallelism takes whole numbers, e.g. 1,2,4 (got {args.parallelism!r})", file=sys.stderr)
+            return 2
+        sweep(_config(args), args.dataset, parallelisms, args.out_dir, events=args.events)
+        return 0
     from freshet.ops.bench import bench
     bench(_config(args), args.dataset, _names(args.systems), args.out_dir, events=args.events,
           paced_rate=args.paced_rate, paced_seconds=args.paced_seconds, paced_systems=_names(args.paced_systems),
@@ -288,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paced-systems", default="reference,full", help="systems that get a paced run")
     p.add_argument("--scale", default="10,100",
                    help="comma-separated user multipliers for the scaling runs of the full job ('' skips them)")
+    p.add_argument("--parallelism", metavar="P1,P2,...",
+                   help="instead: the parallelism sweep, e.g. 1,2,4: the job (model.kind) at each p on a standalone "
+                        "cluster of p one-slot TaskManagers (REST port 18071): HR@10, events/s, CPU per 1k events, "
+                        "model-call time per subtask, sync bytes/s and lag, peak RSS per TaskManager, and what a "
+                        "core per subtask projects; writes bench-<dataset>-sweep.json/.md")
     p.add_argument("--out-dir", type=Path, default=Path("docs/results"), help="where bench-<dataset>.json/.md go")
 
     p = add("tune", cmd_tune, "Grid search of model settings on a MovieLens log with the model alone (same "

@@ -54,3 +54,22 @@ def test_bench_runs_reference_and_echo_and_a_paced_run_on_real_parts(kafka_cfg, 
     for r in (ref, echo, report["paced"]["reference"]):
         assert r["events_per_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mib"] > 100
         assert r["latency_ms"]["samples"] > 0 and r["latency_ms"]["p50"] >= 0
+
+
+@pytest.mark.integration
+def test_parallelism_sweep_runs_the_job_at_p_1_and_2_on_one_slot_taskmanagers(kafka_cfg, kafka, tmp_path):
+    """#16 item 5 on a slice of ML-100K: each p on its own cluster of p TaskManagers; exactly one list per active
+    (user, window) at both (the same lists), each subtask's model-call time and each TaskManager's memory, and
+    the replicas' sync at p = 2 only."""
+    from freshet.ops import sweep
+    cfg = kafka_cfg.replace(model={"kind": "bpr"}, flink={"checkpoint_interval_ms": 2000})
+    report = sweep.sweep(cfg, "ml-100k", [1, 2], tmp_path, events=6000)
+    one, two = report["runs"]["1"], report["runs"]["2"]
+    assert json.loads((tmp_path / "bench-ml-100k-sweep.json").read_text())["runs"].keys() == {"1", "2"}
+    assert "| 2 | " in (tmp_path / "bench-ml-100k-sweep.md").read_text()
+    assert one["lists"] == two["lists"] > 0 and one["dead_letters"] == two["dead_letters"] == 0
+    for p, r in ((1, one), (2, two)):
+        assert len(r["model_call_s"]) == len(r["taskmanager_peak_rss_mib"]) == len(r["taskmanager_cpu_s"]) == p
+        assert all(s > 0 for s in r["model_call_s"]) and all(m > 100 for m in r["taskmanager_peak_rss_mib"])
+        assert 0 < r["HR@10"] < 1 and r["events_per_s"] > 0 and r["projected_events_per_s"] > 0
+    assert one["sync_bytes_per_s"] == 0 and two["sync_bytes_per_s"] > 0 and two["sync_lag_ms_max"] is not None

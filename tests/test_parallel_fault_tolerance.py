@@ -8,12 +8,12 @@ the finished sources' tasks close, so no fault could fall after a checkpoint hol
 the replay is in and the lists settle, ``freshet stop --drain`` ends it. One run is the reference; in the
 other one TaskManager is killed mid-replay and ``freshet cluster start`` replaces it. No duplicate
 (user_id, window_end) for a read_committed reader, exactly one list per active user and window, no dead
-letter, both replicas restored (not rebuilt) and syncing again after the restore, and HR@10 within 6 %
-(relative) of the uninterrupted run. #16 asks for 2 %, which this does not meet yet: measured −1.8 %,
-−1.8 % and −3.4 % (and −3.5 % with ``replica_sync_events: 300``), because after a restore a receiver keeps
-the pre-failure copies of a sender's deltas made after the checkpoint and drops the sender's new ones
-of the same numbers, whose calls cover other windows (docs/ARCHITECTURE.md, "The cost of a failure").
-The 6 % guards the rest: a model rebuilt or replicas that stop syncing after the restore.
+letter, both replicas restored (not rebuilt), each in a new life (the task's next attempt) that began from
+the deltas it had sent before the checkpoint, syncing again after the restore, and HR@10 within 4 % (relative)
+of the uninterrupted run. #16 asks for 2 %: measured −1.4 %, +0.1 % and −0.7 % since the junction fix
+(docs/ARCHITECTURE.md, "Copies and the junction after a failure"; before it −0.7 to −3.5 %), while two
+uninterrupted runs differ by up to 1.5 %: the test allows 4 %, which still catches a model rebuilt from
+scratch (−8 % and more) or replicas that stop syncing after the restore.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
               f"{result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; lists {len(result['recs'])}; deltas "
               f"applied after the restore {[m['sync_applied'] for m in ends]}")
     assert restored, "the job must have restored from a checkpoint"
-    check_recovered_run(result, reference, log_df, cfg.window.size_ms, rel=0.06)
+    check_recovered_run(result, reference, log_df, cfg.window.size_ms, rel=0.04)
     assert len(ends) == 2, "live metrics from both shards"
     assert all(m["restored_model_version"] > 0 for m in ends), "both replicas must have been restored"
     assert all(m["sync_applied"] > 0 for m in ends), "the replicas must sync again after the restore"

@@ -356,7 +356,6 @@ class RecommendOnline(KeyedProcessFunction):
                 "shards_on_subtask": len(self.shards)}     # > 1: Flink put several shards on this subtask
 
 
-
 def attempt_number(runtime_context) -> int:
     """The subtask's execution attempt (0 first; one more at each restart of its task). PyFlink 2.x's thread
     mode asks Flink's RuntimeContext for getAttemptNumber, which Flink 2 moved to its TaskInfo."""

@@ -1,0 +1,191 @@
+"""``freshet bench --parallelism 1,2,4``: the job at each parallelism on a standalone cluster, side by side.
+
+For each p, a standalone cluster of p TaskManagers of one slot each (so each model subtask runs in a process
+of its own, as on p machines), the same preloaded log, one bounded run of the job, measured from outside
+and from its own output and metrics:
+
+* HR@10 by the evaluator (CONTRACTS §3) over the lists it wrote; events/s as in ``freshet bench``;
+* CPU seconds of every TaskManager and the JobManager (psutil) from the submit on (their own start-up before it
+  is left out; the job's start-up, TensorFlow's import and the XLA compile in each TaskManager, is in), per
+  1,000 events for the whole job;
+* model-call seconds per subtask (``model_call_seconds`` of each shard's end-of-input metrics record: the time
+  inside model calls, applies and sends included) and their sum per 1,000 events: the model operator's cost;
+* the sync at p > 1: bytes sent per second of processing, the send -> apply lag (mean of the replicas' means,
+  and the largest), time spent waiting for the others;
+* peak RSS of each TaskManager.
+
+What it projects for a machine with a core per subtask: a TaskManager's CPU seconds are the least wall time
+it needs, so the busiest one bounds the run from below (``projected_events_per_s``: an upper bound on
+throughput; the JobManager and the broker are taken to have cores of their own).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+
+from freshet.conf.settings import Config, dump_config
+from freshet.ops import kafka_io, replay, vendor
+from freshet.ops.bench import LOG_APPEND_TIME, SYSTEMS, ProcessTreeMonitor, machine, measure, read_output, system_config
+from freshet.ops.flink_cluster import LocalFlinkCluster
+
+SWEEP_REST_PORT = 18071     # the sweep's own clusters: never the user's (local.flink_rest_port)
+
+
+def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, timeout_s: float = 7200) -> dict:
+    """One bounded run of the job at parallelism ``p`` on a fresh cluster of ``p`` one-slot TaskManagers."""
+    from freshet.models.evaluation import evaluate
+    cluster = LocalFlinkCluster(cfg)
+    cluster.stop(log=lambda *_: None)
+    cluster.start(log=lambda *_: None)
+    try:
+        taskmanagers = sorted(cluster.pids().get("taskexecutor", []))
+        assert len(taskmanagers) == p, f"{len(taskmanagers)} TaskManager processes, expected {p}"
+        monitors = {pid: ProcessTreeMonitor(pid) for pid in taskmanagers + cluster.pids().get("standalonesession", [])}
+        for m in monitors.values():
+            m.sample()                # the processes' own start-up, before the job: not the job's cost
+        baseline = {pid: m.cpu_seconds for pid, m in monitors.items()}
+        for m in monitors.values():
+            m.start()
+        kafka_io.ensure_topics(cfg, topic_config={cfg.kafka.output_topic: LOG_APPEND_TIME})
+        config = dump_config(cfg, workdir / f"p{p}.yaml")
+        launched_ms, started = int(time.time() * 1000), time.monotonic()
+        job = cluster.submit(config, bounded=True)
+        last = started
+        while (state := cluster.job_state(job)) not in ("FINISHED", "FAILED", "CANCELED"):
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"p = {p}: job {job} not done after {timeout_s:.0f}s")
+            if time.monotonic() - last >= 10:
+                last = time.monotonic()
+                log(f"  [{last - started:5.0f}s] p = {p} running; output topic at "
+                    f"{sum(kafka_io.end_offsets(cfg, cfg.kafka.output_topic).values()):,} records")
+            time.sleep(1)
+        wall = time.monotonic() - started
+        for m in monitors.values():
+            m.stop()
+        if state != "FINISHED":
+            raise RuntimeError(f"p = {p}: job {job} ended {state}; see {cluster.dir / 'logs'}")
+    finally:
+        cluster.stop(log=lambda *_: None)
+    used = {pid: m.cpu_seconds - baseline[pid] for pid, m in monitors.items()}
+    tm_cpu = [round(used[pid], 1) for pid in taskmanagers]
+    tm_rss = [round(monitors[pid].peak_rss / 2 ** 20, 1) for pid in taskmanagers]
+    cpu = sum(used.values())
+    lists, closed, written, dead = read_output(cfg)
+    out = measure(len(df), lists, closed, written, dead, launched_ms,
+                  SimpleNamespace(cpu_seconds=cpu, peak_rss=max(m.peak_rss for m in monitors.values())), wall)
+    metrics = kafka_io.read_json(cfg, cfg.kafka.metrics_topic)
+    ends = sorted((m for m in metrics if m.get("watermark") is None), key=lambda m: m["shard"])
+    if len(ends) != p:
+        raise RuntimeError(f"p = {p}: {len(ends)} end-of-input metrics records, expected one per subtask")
+    lags = [m for m in metrics if m.get("sync_lag_ms_mean") is not None]
+    model_s = [m["model_call_seconds"] for m in ends]
+    stream = zip(df["user_id"], df["item_id"], df["ts"])
+    out.update({
+        "parallelism": p, "job": job,
+        "HR@10": round(evaluate(stream, lists, ks=(10,)).overall["HR@10"], 4),
+        "cpu_ms_per_1k_events": round(cpu / len(df) * 1e6, 1),
+        "taskmanager_cpu_s": tm_cpu, "taskmanager_peak_rss_mib": tm_rss,
+        "model_call_s": model_s, "model_calls": [m["model_calls"] for m in ends],
+        "model_ms_per_1k_events": round(sum(model_s) / len(df) * 1e6, 1),
+        "sync_bytes_per_s": round(sum(m.get("sync_bytes_sent", 0) for m in ends) / out["processing_s"], 1)
+        if out["processing_s"] else None,
+        "sync_lag_ms_mean": round(sum(m["sync_lag_ms_mean"] for m in lags) / len(lags), 1) if lags else None,
+        "sync_lag_ms_max": max((m["sync_lag_ms_max"] for m in lags), default=None),
+        "sync_wait_s": [m.get("sync_wait_s") for m in ends] if p > 1 else None,
+        "projected_events_per_s": round(len(df) / max(tm_cpu), 1) if max(tm_cpu) else None,
+    })
+    return out
+
+
+def sweep(cfg: Config, dataset: str, parallelisms: list[int], out_dir: Path, events: int | None = None,
+          log=print) -> dict:
+    """The job at each of ``parallelisms`` on the same replayed log; writes bench-<dataset>-sweep.json/.md."""
+    from freshet.ops.kafka_local import LocalKafka
+    if not parallelisms or any(p < 1 for p in parallelisms):
+        raise ValueError(f"parallelisms must be >= 1, got {parallelisms}")
+    started = time.monotonic()
+    if cfg.kafka.bootstrap_servers == f"127.0.0.1:{cfg.local.kafka_port}":
+        LocalKafka(cfg).start(log)
+    df = replay.load_log(vendor.ensure_dataset(cfg.local.home_path(), dataset, log), "movielens")
+    if events:
+        df = df.iloc[:events].reset_index(drop=True)
+    tag = f"sweep-{dataset}-{int(time.time())}"
+    workdir = cfg.local.home_path() / "bench" / tag
+    workdir.mkdir(parents=True, exist_ok=True)
+    input_cfg = cfg.replace(kafka={"input_topic": f"{tag}-events"})
+    created = [input_cfg.kafka.input_topic]
+    report = {"dataset": dataset, "events": len(df), "users": int(df["user_id"].nunique()),
+              "items": int(df["item_id"].nunique()), "machine": machine(),
+              "config": {"model": cfg.model.kind, "replica_sync": cfg.flink.replica_sync,
+                         "replica_sync_wait_ms": cfg.flink.replica_sync_wait_ms,
+                         "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms,
+                         "python_execution_mode": cfg.flink.execution_mode, "window_ms": cfg.window.size_ms},
+              "runs": {}}
+    try:
+        kafka_io.ensure_topics(input_cfg)
+        log(str(replay.replay(input_cfg, df)))
+        for p in parallelisms:
+            log(f"\n== p = {p}: {p} TaskManager(s) of one slot, model {cfg.model.kind}")
+            pcfg = system_config(input_cfg, f"{tag}-p{p}", SYSTEMS["full"]).replace(
+                flink={"parallelism": p},
+                local={"taskmanagers": p, "taskmanager_slots": 1, "flink_rest_port": SWEEP_REST_PORT})
+            created.extend(pcfg.kafka.topics())
+            result = report["runs"][str(p)] = run_at(pcfg, p, df, workdir, log)
+            log(summary_line(result))
+    finally:
+        kafka_io.delete_topics(cfg, sorted(set(created)))
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{dataset}-sweep"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    log("\n" + markdown(report))
+    log(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+    return report
+
+
+def summary_line(r: dict) -> str:
+    return (f"p = {r['parallelism']}: HR@10 {r['HR@10']}, {r['events_per_s']:,.0f} events/s, CPU {r['cpu_s']}s "
+            f"({r['cpu_ms_per_1k_events']} ms per 1k events), model calls {r['model_call_s']} s, TaskManager peak "
+            f"RSS {r['taskmanager_peak_rss_mib']} MiB, sync {r['sync_bytes_per_s'] or 0:,.0f} B/s")
+
+
+def markdown(report: dict) -> str:
+    """The sweep's table, each p against p = 1 where it ran.
+
+    >>> r = {"parallelism": 1, "HR@10": 0.1, "events_per_s": 1000.0, "cpu_ms_per_1k_events": 900.0,
+    ...      "model_ms_per_1k_events": 400.0, "model_call_s": [40.0], "taskmanager_peak_rss_mib": [1500.0],
+    ...      "sync_bytes_per_s": 0.0, "sync_lag_ms_mean": None, "sync_lag_ms_max": None, "projected_events_per_s": 1100.0,
+    ...      "lists": 10, "processing_s": 100.0}
+    >>> rep = {"dataset": "d", "events": 100000, "users": 1, "items": 1, "config": {"model": "bpr"}, "runs": {"1": r},
+    ...        "machine": {"cpus": 2, "cpu_model": "x", "memory_gib": 24}}
+    >>> "| 1 | 0.1000 (1.00×) |" in markdown(rep)
+    True
+    """
+    m, c, runs = report["machine"], report["config"], report["runs"]
+    one = runs.get("1")
+    lines = [f"Parallelism sweep, dataset **{report['dataset']}** ({report['events']:,} events), model "
+             f"{c['model']}, a standalone cluster of p TaskManagers of one slot each. Machine: {m['cpus']} CPUs "
+             f"({m['cpu_model']}), {m['memory_gib']} GiB.", "",
+             "| p | HR@10 (vs p = 1) | events/s | CPU ms / 1k events (job) | model-call ms / 1k events (summed) | "
+             "model-call s per subtask | peak RSS MiB per TaskManager | sync B/s | sync lag mean / max ms | "
+             "projected events/s, a core per subtask |", "|" + "---|" * 10]
+    for p, r in runs.items():
+        rel = f" ({r['HR@10'] / one['HR@10']:.2f}×)" if one and one["HR@10"] else ""
+        lag = ("–" if r["sync_lag_ms_mean"] is None else f"{r['sync_lag_ms_mean']:,.0f} / {r['sync_lag_ms_max']:,.0f}")
+        lines.append(f"| {p} | {r['HR@10']:.4f}{rel} | {r['events_per_s']:,.0f} | {r['cpu_ms_per_1k_events']:,.0f} | "
+                     f"{r['model_ms_per_1k_events']:,.0f} | {', '.join(f'{s:.1f}' for s in r['model_call_s'])} | "
+                     f"{', '.join(f'{s:,.0f}' for s in r['taskmanager_peak_rss_mib'])} | "
+                     f"{r['sync_bytes_per_s'] or 0:,.0f} | {lag} | {r['projected_events_per_s'] or 0:,.0f} |")
+    if one:
+        lines += ["", "Against p = 1: " + "; ".join(
+            f"p = {p}: model-call ms per 1k events {r['model_ms_per_1k_events'] / one['model_ms_per_1k_events']:.2f}×, "
+            f"busiest subtask's model-call s {max(r['model_call_s']) / max(one['model_call_s']):.2f}× (1/p = {1 / int(p):.2f})"
+            for p, r in runs.items() if p != "1" and one["model_ms_per_1k_events"] and max(one["model_call_s"]))]
+    lines += ["", "Projected: each TaskManager's CPU seconds as its wall time with a core of its own; the busiest "
+              "bounds the run (an upper bound on events/s; the JobManager and broker on other cores)."]
+    return "\n".join(lines) + "\n"
