@@ -303,23 +303,36 @@ def scale_users(df: pd.DataFrame, factor: int) -> pd.DataFrame:
     return out
 
 
-def bench(cfg: Config, dataset: str, systems: list[str], out_dir: Path, events: int | None = None,
-          paced_rate: float = 0.0, paced_seconds: float = 60.0, paced_systems: list[str] | None = None,
-          paced_warmup_s: float = 30.0,
-          scales: list[int] | None = None, log=print) -> dict:
-    from freshet.models.evaluation import evaluate
+def prepare(cfg: Config, dataset: str, events: int | None, prefix: str, log=print) -> tuple[pd.DataFrame, str, Path]:
+    """The local broker (if the config points at it), the log (its first ``events``), the run's tag and folder."""
     from freshet.ops.kafka_local import LocalKafka
-    unknown = [s for s in systems + (paced_systems or []) if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown system(s) {unknown}; known: {', '.join(SYSTEMS)}")
-    started = time.monotonic()
     if cfg.kafka.bootstrap_servers == f"127.0.0.1:{cfg.local.kafka_port}":
         LocalKafka(cfg).start(log)
     df = replay.load_log(vendor.ensure_dataset(cfg.local.home_path(), dataset, log), "movielens")
     if events:
         df = df.iloc[:events].reset_index(drop=True)
-    tag = f"bench-{dataset}-{int(time.time())}"
+    tag = f"{prefix}-{dataset}-{int(time.time())}"
     workdir = cfg.local.home_path() / "bench" / tag
+    workdir.mkdir(parents=True, exist_ok=True)
+    return df, tag, workdir
+
+
+def header(dataset: str, df: pd.DataFrame) -> dict:
+    """What a report says of its data and machine."""
+    return {"dataset": dataset, "events": len(df), "users": int(df["user_id"].nunique()),
+            "items": int(df["item_id"].nunique()), "machine": machine()}
+
+
+def bench(cfg: Config, dataset: str, systems: list[str], out_dir: Path, events: int | None = None,
+          paced_rate: float = 0.0, paced_seconds: float = 60.0, paced_systems: list[str] | None = None,
+          paced_warmup_s: float = 30.0,
+          scales: list[int] | None = None, log=print) -> dict:
+    from freshet.models.evaluation import evaluate
+    unknown = [s for s in systems + (paced_systems or []) if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; known: {', '.join(SYSTEMS)}")
+    started = time.monotonic()
+    df, tag, workdir = prepare(cfg, dataset, events, "bench", log)
     created: list[str] = []
 
     def fresh(name: str, system: System, input_topic: str) -> Config:
@@ -327,8 +340,7 @@ def bench(cfg: Config, dataset: str, systems: list[str], out_dir: Path, events: 
         created.extend(scfg.kafka.topics())
         return scfg
 
-    report = {"dataset": dataset, "events": len(df), "users": int(df["user_id"].nunique()),
-              "items": int(df["item_id"].nunique()), "machine": machine(), "config": {
+    report = {**header(dataset, df), "config": {
                   "window_ms": cfg.window.size_ms, "parallelism": cfg.flink.parallelism,
                   "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms, "state_backend": cfg.flink.state_backend,
                   "delivery_guarantee": cfg.flink.delivery_guarantee, "partitions": cfg.kafka.partitions,
@@ -444,10 +456,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, out_dir: Path, log=print) -> None:
+def write_report(report: dict, out_dir: Path, log=print, name: str | None = None, render=None) -> None:
+    """``report`` as <out_dir>/<name>.json and .md (``render``: its Markdown; this module's by default)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench-{report['dataset']}"
+    stem = out_dir / (name or f"bench-{report['dataset']}")
+    text = (render or markdown)(report)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    log("\n" + markdown(report))
+    stem.with_suffix(".md").write_text(text)
+    log("\n" + text)
     log(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")

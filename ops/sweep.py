@@ -20,7 +20,6 @@ throughput; the JobManager and the broker are taken to have cores of their own).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,8 +27,9 @@ from types import SimpleNamespace
 import pandas as pd
 
 from freshet.conf.settings import Config, dump_config
-from freshet.ops import kafka_io, replay, vendor
-from freshet.ops.bench import LOG_APPEND_TIME, SYSTEMS, ProcessTreeMonitor, machine, measure, read_output, system_config
+from freshet.ops import kafka_io, replay
+from freshet.ops.bench import (LOG_APPEND_TIME, SYSTEMS, ProcessTreeMonitor, header, measure, prepare, read_output,
+                                system_config, write_report)
 from freshet.ops.flink_cluster import LocalFlinkCluster
 
 SWEEP_REST_PORT = 18071     # the sweep's own clusters: never the user's (local.flink_rest_port)
@@ -104,22 +104,13 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
 def sweep(cfg: Config, dataset: str, parallelisms: list[int], out_dir: Path, events: int | None = None,
           log=print) -> dict:
     """The job at each of ``parallelisms`` on the same replayed log; writes bench-<dataset>-sweep.json/.md."""
-    from freshet.ops.kafka_local import LocalKafka
     if not parallelisms or any(p < 1 for p in parallelisms):
         raise ValueError(f"parallelisms must be >= 1, got {parallelisms}")
     started = time.monotonic()
-    if cfg.kafka.bootstrap_servers == f"127.0.0.1:{cfg.local.kafka_port}":
-        LocalKafka(cfg).start(log)
-    df = replay.load_log(vendor.ensure_dataset(cfg.local.home_path(), dataset, log), "movielens")
-    if events:
-        df = df.iloc[:events].reset_index(drop=True)
-    tag = f"sweep-{dataset}-{int(time.time())}"
-    workdir = cfg.local.home_path() / "bench" / tag
-    workdir.mkdir(parents=True, exist_ok=True)
+    df, tag, workdir = prepare(cfg, dataset, events, "sweep", log)
     input_cfg = cfg.replace(kafka={"input_topic": f"{tag}-events"})
     created = [input_cfg.kafka.input_topic]
-    report = {"dataset": dataset, "events": len(df), "users": int(df["user_id"].nunique()),
-              "items": int(df["item_id"].nunique()), "machine": machine(),
+    report = {**header(dataset, df),
               "config": {"model": cfg.model.kind, "replica_sync": cfg.flink.replica_sync,
                          "replica_sync_wait_ms": cfg.flink.replica_sync_wait_ms,
                          "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms,
@@ -139,12 +130,7 @@ def sweep(cfg: Config, dataset: str, parallelisms: list[int], out_dir: Path, eve
     finally:
         kafka_io.delete_topics(cfg, sorted(set(created)))
     report["wall_seconds"] = round(time.monotonic() - started, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench-{dataset}-sweep"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    log("\n" + markdown(report))
-    log(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+    write_report(report, out_dir, log, name=f"bench-{dataset}-sweep", render=markdown)
     return report
 
 
