@@ -26,6 +26,10 @@ from freshet.ops.python_workers import worker_environment
 
 HOST = "127.0.0.1"
 FLINK_HOME = Path(pyflink.__file__).parent
+# A drain goes through a resumed job once the sources have read nothing for window.idleness_ms minus this: the
+# sources of the job being drained must not turn idle between the check and the drain (FLINK-40499), and the
+# REST API's sourceIdleTime can be 10 s old (Flink's metric fetcher).
+DRAIN_IDLE_MARGIN_MS = 15_000
 
 
 @dataclass(frozen=True)
@@ -257,14 +261,27 @@ class LocalFlinkCluster:
         """Flink's stop-with-savepoint (sources stop, a last savepoint is taken and the sinks commit it, the job
         ends FINISHED); returns the savepoint's location. Windows still open stay in the savepoint: a job
         resumed from it closes them when its input goes on. ``drain``: end of input first (every open window
-        is closed and listed), for a job that is done for good."""
+        is closed and listed), for a job that is done for good.
+
+        A source that is idle (nothing read for ``window.idleness_ms``) when Flink drains never delivers the end
+        of event time (Flink 2.3: its output drops the final watermark while idle, FLINK-40499), so no window
+        still open would be listed. A job whose sources may be idle is therefore stopped with a savepoint and
+        resumed from it, and the resumed job, whose sources have just started, is drained (:meth:`_drain_resumed`).
+        """
+        if drain:
+            idle_ms, idleness_ms = self.source_idle_ms(job_id), self._job_idleness_ms(job_id)
+            if idleness_ms > 0 and (idle_ms is None or idle_ms >= idleness_ms - DRAIN_IDLE_MARGIN_MS):
+                return self._drain_resumed(job_id, target_dir, timeout, log, idle_ms)
+        return self._stop_with_savepoint(job_id, target_dir, timeout, log, drain)
+
+    def _stop_with_savepoint(self, job_id: str, target_dir: Path | None, timeout: float, log, drain: bool) -> str:
         state = self.job_state(job_id)
         if state != "RUNNING":
             raise RuntimeError(f"job {job_id} is {state}, not RUNNING: nothing to stop")
         target = (target_dir or savepoints.savepoint_dir(self.cfg)).resolve()
         trigger = self._rest(f"/jobs/{job_id}/stop", timeout=10,
                              post={"targetDirectory": target.as_uri(), "drain": drain})["request-id"]
-        log(f"stopping job {job_id} with a savepoint in {target} ...")
+        log(f"stopping job {job_id} with a savepoint in {target}{' (draining: every open window closes)' if drain else ''} ...")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             answer = self._rest(f"/jobs/{job_id}/savepoints/{trigger}")
@@ -279,6 +296,62 @@ class LocalFlinkCluster:
                 return operation["location"]
             time.sleep(0.5)
         raise TimeoutError(f"the savepoint of job {job_id} did not complete within {timeout:.0f}s")
+
+    def _drain_resumed(self, job_id: str, target_dir: Path | None, timeout: float, log, idle_ms: float | None) -> str:
+        """Stop ``job_id`` with a savepoint, resume it from there with the config it was started with but without
+        idleness (``window.idleness_ms`` may change on resume; a source that reads nothing would turn idle again
+        before the drain), and drain the resumed job as soon as all its tasks run. Nothing is read twice or
+        lost: the savepoint holds the offsets, the open windows and the model."""
+        since = "for an unknown time" if idle_ms is None else f"for {idle_ms / 1000:.0f}s"
+        log(f"job {job_id}: its sources have read nothing {since}, and Flink 2.3 does not deliver the end of event time "
+            "from an idle source (FLINK-40499): stopping it with a savepoint, then draining it resumed from there")
+        location = self._stop_with_savepoint(job_id, target_dir, timeout, log, drain=False)
+        record = savepoints.jobs_dir(self.cfg) / f"{job_id}.json"
+        if not record.is_file():
+            raise RuntimeError(f"job {job_id} was stopped with a savepoint at {location}, but its config was not "
+                               f"recorded ({record} is missing): resume it with `freshet submit --from-savepoint "
+                               f"{location}` and drain that job within window.idleness_ms")
+        settings = {k: v for k, v in json.loads(record.read_text()).items() if k != "bounded"}
+        settings.setdefault("window", {})["idleness_ms"] = 0      # its sources never turn idle before the drain
+        config = record.with_name(f"{job_id}-drain.yaml")
+        config.write_text(yaml.safe_dump(settings))
+        resumed = self.submit(config, bounded=False, from_savepoint=location)
+        log(f"job {job_id} resumed as {resumed} to drain it")
+        self.wait_running(resumed, timeout=timeout)
+        return self._stop_with_savepoint(resumed, target_dir, timeout, log, drain=True)
+
+    def source_idle_ms(self, job_id: str) -> float | None:
+        """How long the least idle source subtask of the job has read nothing (Flink's ``sourceIdleTime``), or
+        None when Flink does not say."""
+        try:
+            vertex = next(v for v in self._rest(f"/jobs/{job_id}").get("vertices", []) if v["name"].startswith("Source"))
+            names = {m["id"].split(".", 1)[1] for m in self._rest(f"/jobs/{job_id}/vertices/{vertex['id']}/metrics")
+                     if m["id"].endswith("sourceIdleTime") and "." in m["id"]}
+            if not names:
+                return None
+            values = self._rest(f"/jobs/{job_id}/vertices/{vertex['id']}/subtasks/metrics?get={sorted(names)[0]}&agg=min")
+            return float(values[0]["min"]) if values else None
+        except (OSError, StopIteration, KeyError, ValueError, IndexError):
+            return None
+
+    def _job_idleness_ms(self, job_id: str) -> int:
+        """The job's ``window.idleness_ms`` as it was started (recorded by the job), else this config's."""
+        record = savepoints.jobs_dir(self.cfg) / f"{job_id}.json"
+        if record.is_file():
+            return int(json.loads(record.read_text()).get("window", {}).get("idleness_ms", self.cfg.window.idleness_ms))
+        return self.cfg.window.idleness_ms
+
+    def wait_running(self, job_id: str, timeout: float = 300.0) -> None:
+        """Until the job and every one of its tasks run (Flink refuses a savepoint before)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self._rest(f"/jobs/{job_id}")
+            if info.get("state") == "RUNNING" and all(v.get("status") == "RUNNING" for v in info.get("vertices", [])):
+                return
+            if info.get("state") in ("FINISHED", "FAILED", "CANCELED"):
+                raise RuntimeError(f"job {job_id} ended {info['state']} before it was running")
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} not running after {timeout:.0f}s")
 
     def checkpoints(self, job_id: str) -> dict:
         """Flink's checkpoint statistics of a job (counts, latest completed / restored)."""

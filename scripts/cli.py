@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS", help="how long to wait for the savepoint")
     p.add_argument("--drain", action="store_true", help="end of input first: every open window is closed and "
                    "listed before the savepoint (for a job that is done; an unbounded job resumed from a "
-                   "savepoint stays unbounded, and this is how it ends)")
+                   "savepoint stays unbounded, and this is how it ends). When the job's sources have been idle "
+                   "(window.idleness_ms), Flink 2.3 would drop the end of input (FLINK-40499): the job is then "
+                   "stopped with a savepoint and the job resumed from it is drained, under a new job id")
 
     p = add("topics", cmd_topics, "Show record counts of, or reset (delete and recreate), the job's topics.")
     p.add_argument("action", choices=["status", "reset"])

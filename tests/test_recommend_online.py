@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from freshet.models.shared import SyncRecord
-from freshet.udfs.recommend_online import RecommendOnline
+from freshet.udfs.recommend_online import END_OF_INPUT, RecommendOnline
 
 
 class FakeListState:
@@ -16,7 +16,7 @@ class FakeListState:
         self.items = []
 
     def get(self):
-        return list(self.items)
+        return iter(list(self.items))       # an iterable, as PyFlink's (a generator in thread mode): len() fails
 
     def add(self, item):
         self.items.append(item)
@@ -141,6 +141,23 @@ def test_levels_are_counters_set_from_the_task_thread_never_python_gauges(cfg):
     fn.shards[0].last_call_ms = 0.0              # a level goes down as well as up
     fn._publish_levels(fn.shards[0])
     assert rc.metrics.counters["last_model_call_ms"].get_count() == 0
+
+
+def test_a_window_row_behind_the_watermark_is_listed_when_it_arrives(cfg):
+    """At parallelism > 1 the watermark can pass a window on one input channel while the channel that brings the
+    window's row is idle (the end of input reaching the subtasks one at a time, after the sources went idle).
+    A timer for the row would never fire after the end of input: the row is learned and listed at once."""
+    fn = RecommendOnline(cfg.replace(model={"kind": "echo"}))
+    rc, ctx = FakeRuntimeContext(), FakeContext()
+    fn.open(rc)
+    list(fn.process_element(window_row(60000, [["u1", "a", 1.0, 1]]), ctx))
+    ctx.timers.watermark = END_OF_INPUT
+    assert [json.loads(r[2])["window_end"] for r in fn.on_timer(59999, ctx) if r[0] == "rec"] == [60000]
+    out = [json.loads(r[2]) for r in fn.process_element(window_row(120000, [["u2", "b", 1.0, 1], ["u1", "c", 1.0, 1]]), ctx)
+           if r[0] == "rec"]
+    assert [(r["user_id"], r["window_end"], r["items"]) for r in out] == [("u1", 120000, ["c"]), ("u2", 120000, ["b"])]
+    assert ctx.timers.timers == [59999], "no timer for a window the watermark has passed"
+    assert fn.shards[0].calls == 2 and fn.shards[0].buffer.next_end() is None
 
 
 def test_a_restarted_instance_relearns_logged_calls_and_emits_only_what_was_pending(cfg):
@@ -273,12 +290,13 @@ def synced_cfg(cfg, **flink):
 class Subtask:
     """One subtask of the synced model operator: its function, keyed state and context for key ``key``."""
 
-    def __init__(self, cfg, key, runtime=None):
+    def __init__(self, cfg, key, runtime=None, since_ms=1000):
         from freshet.udfs.recommend_online import RecommendOnlineSynced
         self.key, self.rc = key, runtime or FakeRuntimeContext()
         self.rc.current = key
-        self.fn, self.ctx = RecommendOnlineSynced(cfg, since_ms=1000, senders=[0, 2]), FakeContext(key, self.rc)
+        self.fn, self.ctx = RecommendOnlineSynced(cfg, since_ms=since_ms, senders=[0, 2]), FakeContext(key, self.rc)
         self.fn.open(self.rc)
+        self.fn.restore_wait_s = 5.0        # a logged delta not found fails the test in seconds, not minutes
 
     def window(self, end, quads):
         assert list(self.fn.process_element(window_row(end, quads, self.key), self.ctx.enter())) == []
@@ -302,11 +320,12 @@ def sync_records(out, markers=True):
     return [r[2] for r in out if r[0] == "sync" and (markers or not SyncRecord.parse(r[2]).marker)]
 
 
-def restored(subtask, cfg, attempt=1):
-    """``subtask`` as its checkpoint (the keyed state as it is now) restores it, in the task's next attempt."""
+def restored(subtask, cfg, attempt=1, since_ms=1000):
+    """``subtask`` as its checkpoint (the keyed state as it is now) restores it, in the task's next attempt; with
+    another ``since_ms`` and attempt 0, as a job resumed from a savepoint (a new job) restores it."""
     runtime = copy.deepcopy(subtask.rc)
     runtime.attempt = attempt
-    return Subtask(cfg, subtask.key, runtime=runtime)
+    return Subtask(cfg, subtask.key, runtime=runtime, since_ms=since_ms)
 
 
 def test_replicas_exchange_their_changes_through_sync_records_and_apply_each_once(cfg, sync_topic):
@@ -377,14 +396,18 @@ def test_a_replica_ahead_waits_for_the_others_progress_for_at_most_the_set_time(
     assert a.fn.shards[0].sync_wait_timeouts == 1, "b's heartbeat, not the limit, let a go on"
 
 
-@pytest.mark.parametrize("snapshot_first_call, sync_events, wait_ms", [(False, 0, 0), (True, 0, 0), (True, 3, 0),
-                                                                      (False, 0, 1)])
+@pytest.mark.parametrize("snapshot_first_call, sync_events, wait_ms, resumed", [
+    (False, 0, 0, False), (True, 0, 0, False), (True, 3, 0, False), (False, 0, 1, False), (False, 0, 0, True),
+    (True, 0, 0, True)])
 def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_same_model(
-        cfg, sync_topic, snapshot_first_call, sync_events, wait_ms):
+        cfg, sync_topic, snapshot_first_call, sync_events, wait_ms, resumed):
     """Snapshot + log for a replica: the deltas it applied (read again from the topic, from the snapshot's
     positions) and the exports it made between logged calls are re-done in order, so the restored model is
     exactly the one it had, and its next export is the same delta an uninterrupted replica sends. (A replica's
-    snapshot waits for its next send.)"""
+    snapshot waits for its next send.) ``resumed``: restored by a new job (a savepoint), whose own exchange
+    differs: the replica keeps the exchange its log belongs to, also before its first snapshot (without that,
+    a p = 2 drain through a resumed job waited in vain for the logged deltas)."""
+    since, attempt = (9000, 0) if resumed else (1000, 1)
     job_cfg = synced_cfg(cfg, replica_sync_events=sync_events, replica_sync_wait_ms=wait_ms)
     a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
     a.window(1, [["warm", "x", 1.0, 1]])        # loads a's shard; its snapshot is due at the next call or never
@@ -401,7 +424,7 @@ def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_
     assert snapshots == (1 if snapshot_first_call else 0)
     if not sync_events:
         assert a.fn.shards[0].sync.applied == {2: 1}    # b's first delta, applied after any snapshot: redone
-    again, b_again = restored(a, job_cfg), restored(b, job_cfg)     # as checkpointed; the topic is Kafka's
+    again, b_again = (restored(s, job_cfg, attempt, since) for s in (a, b))   # as checkpointed; the topic is Kafka's
     end, qa, qb = rounds[2]
     b_again.window(end, qb)              # b restores too: its marker says its deltas so far were sent before
     sync_topic.records += b_again.fn.sender.outbox
@@ -418,7 +441,7 @@ def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_
     sent = fields(sync_records(out_a, markers=False))
     assert len(sent) == 1 and fields(sync_records(out_r, markers=False)) == sent
     marker = SyncRecord.parse(sync_records(out_r)[0])
-    assert marker.marker and marker.life == (1000, 1) and marker.base == a.fn.shards[0].sync.sent - 1
+    assert marker.marker and marker.life == (since, attempt) and marker.base == a.fn.shards[0].sync.sent - 1
 
 
 def test_a_restore_whose_logged_delta_is_gone_from_the_topic_fails_with_a_clear_error(cfg, sync_topic):

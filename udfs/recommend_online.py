@@ -234,7 +234,13 @@ class RecommendOnline(KeyedProcessFunction):
         shard = self._shard(key)     # the row's shard is its key: no call into the JVM per row for it
         self._add_window(shard, window_end, closed_at, body)
         self.log.add(log_entry(window_end, closed_at, body))
-        self._arm(shard, ctx, window_end)
+        if window_end - 1 <= ctx.timer_service().current_watermark():
+            # Behind the watermark: it passed on another input channel while this row's channel was idle
+            # (window.idleness_ms). A timer for it would fire only at the next advance, and after the end of
+            # input there is none: the window is learned and listed now rather than never.
+            yield from self._fire(shard, ctx, window_end - 1)
+        else:
+            self._arm(shard, ctx, window_end)
 
     @staticmethod
     def _arm(shard: Shard, ctx, window_end: int | None = None) -> None:
@@ -252,6 +258,10 @@ class RecommendOnline(KeyedProcessFunction):
         shard = self._shard(ctx.get_current_key())
         if shard.armed is not None and shard.armed <= timestamp:
             shard.armed = None   # fired (timers fire in timestamp order)
+        yield from self._fire(shard, ctx, timestamp)
+
+    def _fire(self, shard: Shard, ctx, timestamp: int):
+        """Learn and list every window that ``timestamp`` or the watermark has passed, then arm the next timer."""
         watermark = ctx.timer_service().current_watermark()
         closed = self._close(shard, max(timestamp, watermark))
         shard.watermark = watermark
@@ -444,8 +454,15 @@ class RecommendOnlineSynced(RecommendOnline):
         wanted = [shard.sync.positions] + [inbox.positions(self.feed.positions()) for inbox in self.inboxes.values()]
         self.inboxes[shard.key] = SyncInbox(shard.sync)
         self.feed.start({p: min(w[p] for w in wanted) for p in set.intersection(*(set(w) for w in wanted))})
+        logged = list(self.sync_log.get() or [])
+        if meta is None and not logged:
+            # A fresh replica: its exchange (run) and where it began to read go into its state at once. A job
+            # resumed from a savepoint taken before the first snapshot must re-read the deltas that its log says
+            # were applied; with the resumed job's own run it would skip them all and wait for them in vain.
+            shard.sync.positions = self.feed.positions()
+            self.sync_meta.add(shard.sync.to_text())
         steps: dict[int, list[list[str]]] = {}
-        for entry in (self.sync_log.get() or []):
+        for entry in logged:
             step = entry.split()
             steps.setdefault(int(step[1]), []).append(step)
         return steps
