@@ -81,7 +81,6 @@ def test_job_turns_events_into_one_list_per_user_and_window_and_dead_letters_bad
     assert_one_list_per_user_window([(r["user_id"], r["window_end"]) for r in got], expected)
 
     # Every contract field and invariant.
-    seen_before = defaultdict(set)
     versions = defaultdict(list)
     for m, r in zip(recs, got):
         assert m.key.decode() == r["user_id"]
