@@ -83,11 +83,14 @@ def paced_run(setup, name, capsys, fault=None) -> dict:
 
 
 def final_metrics(result) -> list[dict]:
-    """Each shard's last live-metrics record of the job before it was stopped (a drain can go through a job
-    resumed from a savepoint: ``LocalFlinkCluster.stop_job``)."""
+    """Each shard's latest live-metrics record of the job before it was stopped (a drain can go through a job
+    resumed from a savepoint: ``LocalFlinkCluster.stop_job``). Latest by ``emitted_at``: the metrics topic is
+    written without a key, so a shard's records spread over its partitions, and the order read is not the
+    order written (a CI run took a record from before the failure for the last)."""
     last = {}
     for m in result["job_metrics"]:
-        last[m["shard"]] = m
+        if m["shard"] not in last or m["emitted_at"] > last[m["shard"]]["emitted_at"]:
+            last[m["shard"]] = m
     return list(last.values())
 
 
