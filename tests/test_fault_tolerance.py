@@ -176,12 +176,26 @@ def test_broker_restart_mid_replay_loses_and_duplicates_nothing(setup, kafka, lo
     check_recovered_run(result, reference, log_df, cfg.window.size_ms)
 
 
+def input_committed(cfg) -> bool:
+    """Whether the job's Kafka source has committed (at a completed checkpoint) every input partition's end."""
+    from confluent_kafka import Consumer, TopicPartition
+    ends = kafka_io.end_offsets(cfg, cfg.kafka.input_topic)
+    consumer = Consumer({**cfg.kafka.client_properties(), "group.id": cfg.kafka.group_id, "enable.auto.commit": False})
+    try:
+        committed = consumer.committed([TopicPartition(cfg.kafka.input_topic, p) for p in ends], timeout=10)
+    finally:
+        consumer.close()
+    return all(tp.offset >= ends[tp.partition] for tp in committed)
+
+
 def wait_until_lists_settle(cfg, cluster, job, quiet_s: float = 12, timeout: float = 300) -> None:
-    """Until lists are committed and no more come for ``quiet_s`` (the job has listed every window its input
-    lets the watermark close)."""
+    """Until the job's source has committed the whole input, lists are committed and no more come for ``quiet_s``
+    (the job has listed every window its input lets the watermark close). Lists alone can pause for longer
+    than ``quiet_s`` while a restored job starts (its model operator took 30 s once): a drain then would stop
+    the sources before they read the rest."""
     deadline = time.monotonic() + timeout
     count, since = 0, time.monotonic()
-    while not count or time.monotonic() - since < quiet_s:
+    while not count or time.monotonic() - since < quiet_s or not input_committed(cfg):
         assert time.monotonic() < deadline, f"lists still growing after {timeout:.0f}s"
         assert cluster.job_state(job) == "RUNNING", "the job ended before it could be stopped"
         time.sleep(2)
