@@ -122,24 +122,43 @@ def _keyed_by_first_field(stream: DataStream, key_type, row_type) -> KeyedStream
     return KeyedStream(j_keyed, row_type, stream)
 
 
-def shard_keys(parallelism: int, max_parallelism: int) -> list[int]:
-    """One model-shard key per subtask: the smallest int that Flink's key groups put on subtask j, for j = 0..p-1
-    (asked of Flink itself, for the one-field row the job keys by). With keys 0..p-1 instead, two shards can
-    share a subtask while another idles."""
+def subtask_of(key: int, parallelism: int, max_parallelism: int) -> int:
+    """The subtask Flink's key groups put a model-shard key on (asked of Flink itself, for the one-field row the
+    job keys by)."""
     jvm = get_gateway().jvm
-    assign = jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment.assignKeyToParallelOperator
+    row = jvm.org.apache.flink.types.Row(1)
+    row.setField(0, int(key))
+    return int(jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment.assignKeyToParallelOperator(
+        row, max_parallelism, parallelism))
+
+
+def shard_keys(parallelism: int, max_parallelism: int) -> list[int]:
+    """One model-shard key per subtask: the smallest int that Flink's key groups put on subtask j, for j = 0..p-1.
+    With keys 0..p-1 instead, two shards can share a subtask while another idles."""
     keys: dict[int, int] = {}
     candidate = 0
     while len(keys) < parallelism:
-        row = jvm.org.apache.flink.types.Row(1)
-        row.setField(0, candidate)
-        keys.setdefault(assign(row, max_parallelism, parallelism), candidate)
+        keys.setdefault(subtask_of(candidate, parallelism, max_parallelism), candidate)
         candidate += 1
     return [keys[j] for j in range(parallelism)]
 
 
-def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) -> StreamTableEnvironment:
-    """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks."""
+def model_shards(cfg: Config, from_savepoint: str | None = None) -> tuple[list[int], dict[int, int]]:
+    """The job's model-shard keys, and which old shard each new one starts from (new key -> old key): one shard
+    per subtask; resumed, the savepoint's shards, rescaled to ``flink.parallelism`` (``savepoints.rescaled_shards``:
+    kept at a lower parallelism, doubled by copies at a higher one)."""
+    p, max_p = cfg.flink.parallelism, cfg.flink.max_parallelism
+    saved = savepoints.saved_config(cfg, from_savepoint) if from_savepoint else None
+    if not saved:
+        return shard_keys(p, max_p), {}
+    old = saved.get("shard_keys") or shard_keys(int(saved["flink"]["parallelism"]), max_p)
+    return savepoints.rescaled_shards(old, p, lambda key: subtask_of(key, p, max_p))
+
+
+def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool,
+                   shards: tuple[list[int], dict[int, int]] | None = None) -> StreamTableEnvironment:
+    """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks.
+    ``shards``: the model shards (:func:`model_shards`; by default one per subtask)."""
     t_env = StreamTableEnvironment.create(env)
     # Kafka -> raw records with event time (per-partition watermarks, read in the JVM) -> canonical
     # records parsed in the JVM; the rest through the exact Python validator (events or dead letters).
@@ -154,7 +173,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     # -> one row per (model shard, window) with every user's items (JVM windows), plus the dead letters,
     #    in one stream: the only one that crosses into Python.
     #    Each row comes as (shard, row): keyed in the JVM (see _keyed_by_first_field).
-    keys = shard_keys(cfg.flink.parallelism, cfg.flink.max_parallelism)
+    keys, seeds = shards or model_shards(cfg)
     t_env.create_temporary_view("window_batches", t_env.sql_query(tables.window_batches_query(cfg, "on_time", keys)))
     to_model = t_env.to_append_stream(t_env.sql_query(
         "SELECT shard, ROW(kind, shard, window_end_ms, closed_at, body) FROM ("
@@ -170,9 +189,10 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool) 
     #    At parallelism > 1 the replicas learn as one model: each one's changes of the shared variables go to
     #    the sync topic, which every replica reads itself before each call (RecommendOnlineSynced, Kafka clients).
     keyed = _keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
-    if replica_sync_on(cfg):
-        model_output = keyed.process(RecommendOnlineSynced(cfg, since_ms=int(time.time() * 1000), senders=keys),
-                                     output_type=OUTPUT_TYPE)
+    if replica_sync_on(cfg, len(keys)):
+        subtasks = {key: subtask_of(key, cfg.flink.parallelism, cfg.flink.max_parallelism) for key in keys}
+        model_output = keyed.process(RecommendOnlineSynced(cfg, since_ms=int(time.time() * 1000), senders=keys,
+                                                           seeds=seeds, subtasks=subtasks), output_type=OUTPUT_TYPE)
     else:
         model_output = keyed.process(RecommendOnline(cfg), output_type=OUTPUT_TYPE)
     model_output = model_output.name("recommend-online").uid("recommend-online")
@@ -239,13 +259,18 @@ def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str
     if reference:
         build_reference_pipeline(env, cfg, bounded).execute().wait()
         return
-    build_pipeline(env, cfg, bounded)
+    shards = model_shards(cfg, from_savepoint)
+    if shards[1]:
+        print(f"resuming at parallelism {cfg.flink.parallelism} with more model shards than the savepoint's: new shards "
+              f"{sorted(shards[1])} start from copies of shards {[shards[1][k] for k in sorted(shards[1])]}",
+              file=sys.stderr, flush=True)
+    build_pipeline(env, cfg, bounded, shards)
     if not wait:      # `flink run -d`: execute() hands the job to the cluster and returns
-        savepoints.record_job(cfg, str(env.execute(JOB_NAME).get_job_id()), bounded)
+        savepoints.record_job(cfg, str(env.execute(JOB_NAME).get_job_id()), bounded, shards[0])
         return
     client = env.execute_async(JOB_NAME)
     job_id = str(client.get_job_id())
-    savepoints.record_job(cfg, job_id, bounded)
+    savepoints.record_job(cfg, job_id, bounded, shards[0])
     print(f"job {job_id} started", file=sys.stderr, flush=True)
     client.get_job_execution_result().result()
 

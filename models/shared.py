@@ -29,6 +29,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+# Model kinds whose replicas learn as one model at parallelism > 1: they declare their variables (below). The
+# baselines' replicas stay apart (each subtask's users, a model of their own).
+SYNCED_KINDS = ("bpr", "sequence")
 ROWS_OF = ("items", "users")
 KINDS = ("items", "users", "dense", "item_pairs")
 
@@ -402,6 +405,73 @@ class SyncInbox:
         for partition, offset, _ in self.waiting.values():
             out[partition] = min(out.get(partition, offset), offset)
         return out
+
+
+SEED_PART_CHARS = 16 << 20     # a seed's text per sync record (the topic takes records of up to 64 MiB)
+
+
+def seed_records(source: ReplicaState, positions: dict[int, int], model: bytes,
+                 part_chars: int = SEED_PART_CHARS) -> list[str]:
+    """A whole replica as sync records, the *seed* of a replica new at a larger parallelism (a rescale): its
+    model (``to_bytes``) and its place in the exchange, sent by ``source`` right after a send, so the copy's
+    model is its sync base. ``positions``: where the source's unapplied deltas lie on the topic. In parts of
+    ``part_chars``: ``seed <source> <life> <part> <parts> <text>``; a sync record never begins with "seed".
+
+    >>> src = ReplicaState(own=0, run="r", sent=3, applied={5: 2}, life=(9, 0))
+    >>> texts = seed_records(src, {0: 40}, b"model bytes", part_chars=8)
+    >>> seeds = SeedParts(); _ = [seeds.add(t) for t in reversed(texts)]
+    >>> state, model = seeds.take(0, (9, 0), own=7)
+    >>> model, state.own, state.run, state.sent, state.applied, state.positions
+    (b'model bytes', 7, 'r', 0, {5: 2, 0: 3}, {0: 40})
+    >>> seeds.take(0, (9, 1), own=7) is None       # another life's seed: not this one's
+    True
+    >>> seeds.drop(0); seeds.take(0, (9, 0), own=8) is None
+    True
+    """
+    meta = json.dumps({"run": source.run, "sent": source.sent, "applied": {str(k): v for k, v in source.applied.items()},
+                       "positions": {str(k): v for k, v in positions.items()}})
+    text = f"{base64.b64encode(meta.encode()).decode('ascii')}.{base64.b64encode(model).decode('ascii')}"
+    parts = [text[i:i + part_chars] for i in range(0, len(text), part_chars)]
+    return [f"seed {source.own} {source.life[0]}.{source.life[1]} {i} {len(parts)} {part}" for i, part in enumerate(parts)]
+
+
+def is_seed(text: str) -> bool:
+    return text.startswith("seed ")
+
+
+class SeedParts:
+    """Seeds read from the sync topic (:func:`seed_records`), by source and life, until one is taken whole."""
+
+    def __init__(self):
+        self.parts: dict[tuple[int, tuple[int, int]], dict[int, str]] = {}
+        self.counts: dict[tuple[int, tuple[int, int]], int] = {}
+
+    def add(self, text: str) -> None:
+        _, source, life, part, parts, chunk = text.split(" ", 5)
+        key = (int(source), parse_life(life))
+        self.parts.setdefault(key, {})[int(part)] = chunk
+        self.counts[key] = int(parts)
+
+    def drop(self, source: int) -> None:
+        """Forget ``source``'s seeds (every new replica that needed one has its copy)."""
+        for key in [k for k in self.parts if k[0] == int(source)]:
+            del self.parts[key], self.counts[key]
+
+    def take(self, source: int, life: tuple[int, int], own: int) -> tuple[ReplicaState, bytes] | None:
+        """``source``'s seed of ``life``, once every part is read: the new replica ``own``'s ReplicaState (the
+        source's exchange, what it had applied, and the source's own deltas up to the seed as applied: the copy
+        holds them) and the model's bytes."""
+        key = (int(source), tuple(life))
+        parts = self.parts.get(key, {})
+        if key not in self.counts or len(parts) < self.counts[key]:
+            return None
+        meta_text, _, model = "".join(parts[i] for i in range(self.counts[key])).partition(".")
+        meta = json.loads(base64.b64decode(meta_text))
+        applied = {int(k): int(v) for k, v in meta["applied"].items()}
+        applied[int(source)] = int(meta["sent"])
+        return (ReplicaState(own=int(own), run=str(meta["run"]), applied=applied,
+                             positions={int(k): int(v) for k, v in meta["positions"].items()}),
+                base64.b64decode(model))
 
 
 def _side(n: int) -> int:

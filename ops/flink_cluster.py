@@ -248,7 +248,8 @@ class LocalFlinkCluster:
                 *(["-s", from_savepoint] if from_savepoint else []),
                 "-pyexec", sys.executable, "-pyclientexec", sys.executable,
                 "-pym", "freshet.jobs.recommender_job", "--no-wait"]
-        job_args = (["--config", str(Path(config_path).resolve())] if config_path else []) + (["--bounded"] if bounded else [])
+        job_args = ((["--config", str(Path(config_path).resolve())] if config_path else []) + (["--bounded"] if bounded else [])
+                    + (["--from-savepoint", from_savepoint] if from_savepoint else []))   # the job keeps its model shards
         env = {**self._env(), **(env_overrides or {})}
         done = subprocess.run(args + job_args, env=env, capture_output=True, text=True, timeout=300)
         match = re.search(r"JobID ([0-9a-f]{32})", done.stdout + done.stderr)
@@ -293,6 +294,7 @@ class LocalFlinkCluster:
                 state = self.wait(job_id, timeout=max(deadline - time.monotonic(), 10))   # the sinks commit
                 if state != "FINISHED":
                     raise RuntimeError(f"job {job_id} ended {state} after its savepoint {operation['location']}")
+                savepoints.attach_config(self.cfg, job_id, operation["location"])   # for a resume's checks and shards
                 return operation["location"]
             time.sleep(0.5)
         raise TimeoutError(f"the savepoint of job {job_id} did not complete within {timeout:.0f}s")
@@ -311,7 +313,7 @@ class LocalFlinkCluster:
             raise RuntimeError(f"job {job_id} was stopped with a savepoint at {location}, but its config was not "
                                f"recorded ({record} is missing): resume it with `freshet submit --from-savepoint "
                                f"{location}` and drain that job within window.idleness_ms")
-        settings = {k: v for k, v in json.loads(record.read_text()).items() if k != "bounded"}
+        settings = savepoints.job_settings(json.loads(record.read_text()))
         settings.setdefault("window", {})["idleness_ms"] = 0      # its sources never turn idle before the drain
         config = record.with_name(f"{job_id}-drain.yaml")
         config.write_text(yaml.safe_dump(settings))

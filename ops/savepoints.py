@@ -2,9 +2,14 @@
 
 A savepoint (``freshet stop``) or a retained checkpoint holds the job's state; what it cannot hold is
 the config the state was made with. Freshet keeps that config beside it, so a resume with a setting
-that cannot change (the model's kind or size, how users are split into model shards) fails before the
-job starts, in one line naming the setting, instead of failing inside the job or silently starting a
-fresh model. Every other setting (K, learning rates, batch size, behaviour weights, ...) just takes effect.
+that cannot change (the model's kind or size, the max parallelism) fails before the job starts, in one
+line naming the setting, instead of failing inside the job or silently starting a fresh model. Every
+other setting (K, learning rates, batch size, behaviour weights, ...) just takes effect.
+
+``flink.parallelism`` may change (a rescale). The job's model shards are recorded with its config
+(``shard_keys``), and a resumed job keeps them (:func:`rescaled_shards`): at a lower parallelism several
+share a subtask, each still its own replica of the one model; at a higher one new shards start from
+copies of old ones (only model kinds whose replicas sync can do that).
 
 * ``<home>/jobs/<job id>.json``: the config of each job started by ``freshet run`` or ``freshet submit``;
 * ``<savepoint>/freshet-config.json``: copied there by ``freshet stop``;
@@ -20,18 +25,24 @@ fresh model. Every other setting (K, learning rates, batch size, behaviour weigh
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
+from collections import Counter
 from pathlib import Path
+from typing import Callable, Sequence
 
 from freshet.conf.settings import Config, ConfigError
 from freshet.models.base import FIXED_SETTINGS
+from freshet.models.shared import SYNCED_KINDS
 
 CONFIG_FILE = "freshet-config.json"
 # (section, key): settings baked into the saved state. The model's variables have shapes set by its kind
-# and size; users are split into model shards by the parallelism (one model per shard), and keyed state into
-# key groups by the max parallelism.
-FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "parallelism"), ("flink", "max_parallelism"))
+# and size; keyed state is split into key groups by the max parallelism. (The parallelism may change: the
+# model shards are kept, :func:`rescaled_shards`.)
+FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "max_parallelism"),)
+# What a job's record holds besides its config: whether its input was bounded, and its model shards' keys.
+RECORD_EXTRAS = ("bounded", "shard_keys")
 
 
 def config_record(cfg: Config) -> dict:
@@ -41,11 +52,72 @@ def config_record(cfg: Config) -> dict:
 
 
 def incompatible(saved: dict, cfg: Config) -> list[str]:
-    """The fixed settings that differ between ``saved`` (a :func:`config_record`) and ``cfg``."""
+    """The fixed settings that differ between ``saved`` (a :func:`config_record`) and ``cfg``, and a parallelism
+    above the saved shard count for a model whose replicas do not sync (a new shard could not copy an old one).
+
+    >>> from freshet.conf.settings import load_config
+    >>> cfg = load_config(env={}).replace(model={"kind": "transition"})
+    >>> saved = {**config_record(cfg), "shard_keys": [0, 1]}
+    >>> incompatible(saved, cfg.replace(flink={"parallelism": 1}))     # going down keeps both shards
+    []
+    >>> print(incompatible(saved, cfg.replace(flink={"parallelism": 4}))[0][:60])
+    flink.parallelism can grow past the savepoint's 2 model shar
+    """
     now = config_record(cfg)
-    return [f"{section}.{key} is {saved[section][key]!r} in the savepoint, {now[section][key]!r} now".replace("'", "")
-            + " (part of the saved state: set it back, or start fresh)"
-            for section, key in FIXED if section in saved and key in saved[section] and saved[section][key] != now[section][key]]
+    problems = [f"{section}.{key} is {saved[section][key]!r} in the savepoint, {now[section][key]!r} now".replace("'", "")
+                + " (part of the saved state: set it back, or start fresh)"
+                for section, key in FIXED if section in saved and key in saved[section] and saved[section][key] != now[section][key]]
+    shards = saved_shard_count(saved)
+    if shards and cfg.flink.parallelism > shards and not (cfg.model.kind in SYNCED_KINDS and cfg.flink.replica_sync):
+        problems.append(f"flink.parallelism can grow past the savepoint's {shards} model shards only for model kinds "
+                        f"{', '.join(SYNCED_KINDS)} with flink.replica_sync on (a new shard starts from a copy of an old "
+                        f"one); model.kind is {cfg.model.kind}: resume at parallelism {shards} or less, or start fresh")
+    return problems
+
+
+def saved_shard_count(saved: dict) -> int:
+    """How many model shards a recorded job had (one per subtask unless it was resumed at a lower parallelism)."""
+    if saved.get("shard_keys"):
+        return len(saved["shard_keys"])
+    return int(saved.get("flink", {}).get("parallelism", 0))
+
+
+def rescaled_shards(old_keys: Sequence[int], parallelism: int,
+                    subtask_of: Callable[[int], int]) -> tuple[list[int], dict[int, int]]:
+    """The model shards of a job resumed at ``parallelism`` from a savepoint whose shards had ``old_keys``: their
+    keys (the old ones first, in order) and, for each new one, the old shard it starts from (new key -> old key).
+    ``subtask_of``: the subtask a key lands on at ``parallelism`` (Flink's key groups).
+
+    * **Down (or the same):** every old shard is kept, several on one subtask where Flink's key groups put them,
+      each still a replica of the one model. No user moves, nothing is copied.
+    * **Up:** the shard count doubles until it covers the subtasks. A user's shard is ``hash mod count``
+      (``jobs/tables.shard_sql``): after doubling, ``hash mod 2S`` is its old index or that plus S, so every user
+      of new shard i comes from old shard ``i mod S``, whose copy the new one starts from (its users keep their
+      state). A new key goes to the subtask with the fewest shards, never to its source's (the source is loaded
+      by its own subtask's first window or timer, while the new one waits for its copy).
+
+    >>> rescaled_shards([0, 5], 1, lambda k: 0)
+    ([0, 5], {})
+    >>> rescaled_shards([0], 2, lambda k: k % 2)
+    ([0, 1], {1: 0})
+    >>> keys, seeds = rescaled_shards([0, 1], 3, lambda k: k % 3); keys, seeds
+    ([0, 1, 2, 3], {2: 0, 3: 1})
+    """
+    keys, old = [int(k) for k in old_keys], len(old_keys)
+    count = old
+    while count < parallelism:
+        count *= 2
+    load = Counter(subtask_of(k) for k in keys)
+    seeds: dict[int, int] = {}
+    for index in range(old, count):
+        source = keys[index % old]
+        avoid = subtask_of(source)
+        target = min((j for j in range(parallelism) if j != avoid), key=lambda j: (load[j], j))
+        key = next(c for c in itertools.count() if c not in keys and subtask_of(c) == target)
+        keys.append(key)
+        seeds[key] = source
+        load[target] += 1
+    return keys, seeds
 
 
 def jobs_dir(cfg: Config) -> Path:
@@ -62,12 +134,19 @@ def savepoint_dir(cfg: Config) -> Path:
     return cfg.local.home_path() / "savepoints"
 
 
-def record_job(cfg: Config, job_id: str, bounded: bool) -> Path:
-    """Keep the config a job started with (``<home>/jobs/<job id>.json``), and whether its input was bounded."""
+def record_job(cfg: Config, job_id: str, bounded: bool, shard_keys: Sequence[int]) -> Path:
+    """Keep the config a job started with (``<home>/jobs/<job id>.json``), whether its input was bounded, and its
+    model shards' keys (a resume keeps them: :func:`rescaled_shards`)."""
     path = jobs_dir(cfg) / f"{job_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**config_record(cfg), "bounded": bounded}, indent=1))
+    path.write_text(json.dumps({**config_record(cfg), "bounded": bounded, "shard_keys": [int(k) for k in shard_keys]},
+                               indent=1))
     return path
+
+
+def job_settings(record: dict) -> dict:
+    """A job's record as config settings (without :data:`RECORD_EXTRAS`)."""
+    return {k: v for k, v in record.items() if k not in RECORD_EXTRAS}
 
 
 def attach_config(cfg: Config, job_id: str, savepoint: str) -> None:

@@ -58,14 +58,12 @@ def cmd_submit(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from freshet.ops import savepoints
     from freshet.ops.flink_cluster import LocalFlinkCluster
     cfg = _config(args)
     cluster = LocalFlinkCluster(cfg)
     started = time.monotonic()
     location = cluster.stop_job(args.job_id, args.savepoint_dir, timeout=args.timeout,
                                 log=lambda line: print(line, file=sys.stderr), drain=args.drain)
-    savepoints.attach_config(cfg, args.job_id, location)
     print(f"savepoint complete in {time.monotonic() - started:.1f}s; resume with "
           f"`freshet submit --from-savepoint {location}`", file=sys.stderr)
     print(location)
@@ -219,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-savepoint", metavar="PATH",
                    help="resume from a savepoint (`freshet stop` prints its path) or a retained checkpoint "
                         "(<home>/checkpoints/<job id>/chk-<n>): the same model, the input from the saved offsets; "
-                        "a resumed job is unbounded (end it with `freshet stop --drain`)")
+                        "a resumed job is unbounded (end it with `freshet stop --drain`). flink.parallelism may "
+                        "differ from the savepoint's: lower, its model shards share subtasks; higher (models bpr, "
+                        "sequence), new shards start from copies of old ones")
 
     p = add("stop", cmd_stop, "Stop a cluster job with a savepoint (Flink's stop-with-savepoint); prints the "
                               "savepoint's path on the last line, for `freshet submit --from-savepoint PATH`.")
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-savepoint", metavar="PATH",
                    help="resume from a savepoint or a retained checkpoint (<home>/checkpoints/<job id>/chk-<n>; "
                         "'latest': the newest one of any earlier run), with its model and input offsets; "
-                        "it runs unbounded, until interrupted")
+                        "it runs unbounded, until interrupted; at another flink.parallelism too (see `submit`)")
 
     p = add("recs", cmd_recs, "Print recommendations from the sink topic (read_committed), one JSON per line.")
     p.add_argument("--topic", help="topic (default: kafka.output_topic)")

@@ -68,8 +68,11 @@ class FakeKeyedListState:
 
 
 class FakeRuntimeContext:
-    def __init__(self):
-        self.metrics, self.states, self.current, self.attempt = FakeMetrics(), {}, 0, 0
+    def __init__(self, index=0):
+        self.metrics, self.states, self.current, self.attempt, self.index = FakeMetrics(), {}, 0, 0, index
+
+    def get_index_of_this_subtask(self):
+        return self.index
 
     def get_list_state(self, descriptor):
         return self.states.setdefault(descriptor.name, FakeKeyedListState(self))
@@ -290,11 +293,12 @@ def synced_cfg(cfg, **flink):
 class Subtask:
     """One subtask of the synced model operator: its function, keyed state and context for key ``key``."""
 
-    def __init__(self, cfg, key, runtime=None, since_ms=1000):
+    def __init__(self, cfg, key, runtime=None, since_ms=1000, senders=(0, 2), seeds=None, subtasks=None):
         from freshet.udfs.recommend_online import RecommendOnlineSynced
         self.key, self.rc = key, runtime or FakeRuntimeContext()
         self.rc.current = key
-        self.fn, self.ctx = RecommendOnlineSynced(cfg, since_ms=since_ms, senders=[0, 2]), FakeContext(key, self.rc)
+        self.fn = RecommendOnlineSynced(cfg, since_ms=since_ms, senders=senders, seeds=seeds, subtasks=subtasks)
+        self.ctx = FakeContext(key, self.rc)
         self.fn.open(self.rc)
         self.fn.restore_wait_s = 5.0        # a logged delta not found fails the test in seconds, not minutes
 
@@ -514,3 +518,53 @@ def test_after_a_failover_a_replica_applies_a_senders_new_deltas_not_those_of_it
     assert a.fn.shards[0].sync.applied == {2: 3} and a.fn.inboxes[0].waiting == {}
     assert a.shared() == reference, "b's delta 2 of the failed life must be void, its new one applied"
     assert b.fn.shards[2].sync.applied == {0: 2}
+
+
+def test_a_shard_new_at_a_larger_parallelism_starts_from_a_copy_of_its_old_shard(cfg, sync_topic):
+    """1 -> 2 (savepoints.rescaled_shards): the p = 1 job's shard (no sync state) is restored as a replica, sends a
+    delta and its whole model (the seed); the new shard waits for it, starts from it in the old one's exchange, its
+    moved users keep their rows and seen items (their lists are the old shard's), and writes it to its state at
+    once. Then the two exchange deltas like any replicas; a restore of the new one does not wait for a seed."""
+    one_cfg = synced_cfg(cfg, parallelism=1, model_snapshot_interval_ms=0)
+    single, ctx, single_rc = RecommendOnline(one_cfg), FakeContext(0), FakeRuntimeContext()
+    single.open(single_rc)
+    for end, quads in ((60000, [["u1", "x", 1.0, 1], ["u2", "y", 2.0, 1]]), (120000, [["u2", "z", 1.0, 1], ["u1", "y", 1.0, 1]])):
+        assert list(single.process_element(window_row(end, quads), ctx)) == []
+        ctx.timers.watermark = end + 10000
+        list(single.on_timer(end - 1, ctx))
+    model = single.shards[0].model
+    reference = type(model).from_bytes(model.to_bytes(), one_cfg.model)
+
+    job_cfg = synced_cfg(cfg)
+    layout = dict(senders=(0, 1), seeds={1: 0}, subtasks={0: 0, 1: 1}, since_ms=9000)
+    old_rc = copy.deepcopy(single_rc)                      # the savepoint: key 0's state
+    a = Subtask(job_cfg, 0, runtime=old_rc, **layout)
+    b = Subtask(job_cfg, 1, runtime=FakeRuntimeContext(index=1), **layout)
+    b.fn.restore_wait_s = 0.0
+    with pytest.raises(RuntimeError, match="new at this parallelism and starts from a copy of shard 0"):
+        b.window(180000, [["u1", "w", 1.0, 1]])            # the old shard has not loaded yet: no seed on the topic
+    b = Subtask(job_cfg, 1, runtime=FakeRuntimeContext(index=1), **layout)
+    a.window(180000, [["u2", "w", 1.0, 1]])                # loads the old shard: marker, a delta, the seed
+    sent = a.fn.sender.outbox
+    assert SyncRecord.parse(sent[0]).marker and sent[-1].startswith("seed ") and len(sent) <= 3   # (an empty delta
+    # goes out only where others wait for progress)
+    sync_topic.records += sent
+    a.fn.sender.outbox = []
+    b.window(180000, [["u1", "w", 1.0, 1]])                # u1 moved to the new shard
+    new, old = b.fn.shards[1], a.fn.shards[0]
+    seeded_at = old.sync.sent
+    assert new.sync.run == old.sync.run and new.sync.applied == {0: seeded_at}
+    assert b.shared() == a.shared() and new.model.users.ids == reference.users.ids
+    assert new.model.recommend(["u1"], 5) == reference.recommend(["u1"], 5), "u1 keeps its row and seen items"
+    assert len(b.rc.states["model"].by_key[1].items) == 1 and b.rc.states["sync"].by_key[1].items, \
+        "the copy is in the new shard's state at once"
+    sync_topic.records += sync_records(a.fire(190000)) + sync_records(b.fire(190000))
+    a.window(240000, [["u2", "x", 1.0, 1]])
+    b.window(240000, [["u1", "z", 1.0, 1]])
+    a.fire(250000)
+    b.fire(250000)
+    assert a.fn.shards[0].sync.applied == {1: 1} and b.fn.shards[1].sync.applied == {0: seeded_at + 1}
+    again = restored(b, job_cfg, attempt=1, since_ms=9000)
+    again.fn.seeds, again.fn.seeds_here = {1: 0}, {1: 0}   # no seed of its new life is on the topic: it must not wait
+    again.window(300000, [["u1", "q", 1.0, 1]])
+    assert again.fn.shards[1].model.users.ids == b.fn.shards[1].model.users.ids

@@ -34,7 +34,8 @@ from pyflink.datastream.state import ListStateDescriptor
 from freshet.conf.settings import Config
 from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
-from freshet.models.shared import ReplicaState, SharedDelta, SyncInbox
+from freshet.models.shared import (SYNCED_KINDS, ReplicaState, SeedParts, SharedDelta, SyncInbox, is_seed,
+                                   seed_records)
 
 # What enters it: (kind, model shard, window_end, window closed at, body). kind "win": a window of the shard,
 # body its (user, item, weight, events) quads as JSON; "dlq": a dead letter found in the JVM, body its JSON.
@@ -47,14 +48,13 @@ OUTPUT_TYPE = Types.ROW_NAMED(["kind", "user_id", "payload", "closed_at"],
 END_OF_INPUT = 2 ** 63 - 1
 # The operator's Flink metrics that are levels, not counts (in the order _publish_levels gives them).
 LEVELS = ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_version", "restored_windows")
-# Model kinds whose replicas learn as one model at parallelism > 1: they declare their variables
-# (models/shared.py). The baselines' replicas stay apart (each subtask's users, a model of their own).
-SYNCED_KINDS = ("bpr", "sequence")
 
 
-def replica_sync_on(cfg: Config) -> bool:
-    """Whether the job's model replicas exchange their changes (see :class:`RecommendOnlineSynced`)."""
-    return cfg.flink.parallelism > 1 and cfg.flink.replica_sync and cfg.model.kind in SYNCED_KINDS
+def replica_sync_on(cfg: Config, shards: int | None = None) -> bool:
+    """Whether the job's model replicas exchange their changes (see :class:`RecommendOnlineSynced`): when it has
+    more than one model shard (one per subtask, ``flink.parallelism``, unless a rescaled savepoint keeps more)."""
+    count = cfg.flink.parallelism if shards is None else shards
+    return count > 1 and cfg.flink.replica_sync and cfg.model.kind in SYNCED_KINDS
 
 
 def model_class(cfg: Config):
@@ -121,6 +121,7 @@ class Shard:
         self.calls = self.emitted = 0
         self.restored_windows = 0
         self.restored_version = 0
+        self.restored_upto = 0            # the last window_end of the calls re-learned on restore
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
         self.live = LiveHitRate(k)
@@ -185,6 +186,7 @@ class RecommendOnline(KeyedProcessFunction):
         self.fresh = None
         shard = self.shards[key] = Shard(key, model, self.cfg.model.k)
         sync_steps = self._replica_restored(shard)
+        model = shard.model          # a replica new at a larger parallelism starts from a copy (RecommendOnlineSynced)
         for entry in (self.log.get() or []):
             self._add_window(shard, *log_entry_fields(entry))
         boundaries = sorted(int(b) for b in (self.flush_log.get() or []))
@@ -196,6 +198,7 @@ class RecommendOnline(KeyedProcessFunction):
             self._replica_learned(shard, closed)
         self._replica_redo(shard, sync_steps.get(len(boundaries), ()))
         shard.logged_calls = len(boundaries)
+        shard.restored_upto = boundaries[-1] if boundaries else 0
         shard.restored_version = model.version   # 0 unless a checkpoint held a model or logged calls
         return shard
 
@@ -366,6 +369,14 @@ class RecommendOnline(KeyedProcessFunction):
                 "shards_on_subtask": len(self.shards)}     # > 1: Flink put several shards on this subtask
 
 
+def subtask_index(runtime_context) -> int:
+    """The subtask's index (0 .. parallelism - 1); in thread mode asked of Flink 2's TaskInfo (see attempt_number)."""
+    try:
+        return int(runtime_context.get_index_of_this_subtask())
+    except Exception:
+        return int(runtime_context._runtime_context.getTaskInfo().getIndexOfThisSubtask())
+
+
 def attempt_number(runtime_context) -> int:
     """The subtask's execution attempt (0 first; one more at each restart of its task). PyFlink 2.x's thread
     mode asks Flink's RuntimeContext for getAttemptNumber, which Flink 2 moved to its TaskInfo."""
@@ -405,12 +416,21 @@ class RecommendOnlineSynced(RecommendOnline):
     started from scratch by the job form one exchange (``run``); restored ones keep theirs. (A job that
     fails before its first checkpoint restarts every replica from scratch in the same exchange, in a new
     life that begins at 0: what its first attempt sent is void.)
+
+    ``seeds`` (a job resumed at a larger parallelism than its savepoint's shards: ``savepoints.rescaled_shards``):
+    new shard key -> the old shard whose users it takes over. The old shard's replica, once loaded, sends a
+    delta and then its whole model (a *seed*: :func:`seed_records`); the new replica waits for it, starts
+    from that copy in the old one's exchange (the users that moved keep their rows, histories and seen
+    items) and writes it to its state at once, so that any checkpoint holds it.
     """
 
-    def __init__(self, cfg: Config, since_ms: int, senders):
+    def __init__(self, cfg: Config, since_ms: int, senders, seeds: dict[int, int] | None = None,
+                 subtasks: dict[int, int] | None = None):
         super().__init__(cfg)
         self.since_ms = int(since_ms)
         self.senders = sorted(int(k) for k in senders)      # every replica's shard key
+        self.seeds = {int(new): int(old) for new, old in (seeds or {}).items()}
+        self.subtasks = {int(k): int(j) for k, j in (subtasks or {}).items()}   # shard key -> its subtask
 
     def open(self, runtime_context):
         super().open(runtime_context)
@@ -429,6 +449,9 @@ class RecommendOnlineSynced(RecommendOnline):
         self.received = 0                                # other replicas' deltas read (copies not counted)
         self.restore_wait_s = 120.0                      # for a logged delta to be read again on restore
         self.arrival_lag_ms: list[float] = []            # sent -> read here, since the last metrics record
+        self.seed_parts = SeedParts()                    # a rescale: old replicas' copies, for the new ones here
+        here = subtask_index(runtime_context)
+        self.seeds_here = {new: old for new, old in self.seeds.items() if self.subtasks.get(new, here) == here}
 
     def close(self):
         self.feed.close()
@@ -441,26 +464,61 @@ class RecommendOnlineSynced(RecommendOnline):
         shard = super()._shard(key)
         if not loaded:
             self.sender.send(str(shard.key), shard.sync.begin(self.life, time.time() * 1000))
+            if shard.key in self.seeds.values():
+                self._send_seed(shard)
         return shard
+
+    def _send_seed(self, shard: Shard) -> None:
+        """A rescale: new replicas take over some of this one's users and start from a copy of it. A send first
+        (logged like any), so the model is its sync base and the copy's own deltas start from zero."""
+        self._send(shard, shard.restored_upto, shard.restored_upto)
+        positions = self.inboxes[shard.key].positions(self.feed.positions())
+        for text in seed_records(shard.sync, positions, shard.model.to_bytes()):
+            self.sender.send(str(shard.key), text)
+
+    def _await_seed(self, key: int) -> tuple[ReplicaState, bytes]:
+        """The copy of its old shard that a new replica starts from, sent in this life (:meth:`_send_seed`)."""
+        source, deadline = self.seeds[key], time.monotonic() + self.restore_wait_s
+        if not self.feed.next:
+            self.feed.start({})     # from the job's start: the seed is sent after it
+        while (seed := self.seed_parts.take(source, self.life, own=key)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"model shard {key} is new at this parallelism and starts from a copy of shard {source}, "
+                                   f"which was not on the sync topic {self.cfg.kafka.sync_topic!r} within "
+                                   f"{self.restore_wait_s:.0f}s (shard {source} sends it once its first window or timer "
+                                   "reaches it after the resume)")
+            self._read_feed(timeout=1.0)
+        del self.seeds_here[key]
+        if source not in self.seeds_here.values():     # every new replica here has its copy
+            self.seed_parts.drop(source)
+        return seed
 
     def _replica_restored(self, shard: Shard) -> dict:
         """Start the sync from the loaded model (a snapshot is always taken right after a send, so it is the
         base), with the ReplicaState kept beside it, and read the topic from where that state says; returns
         its logged steps by call."""
-        shard.model.start_sync()
         meta = next(iter(self.sync_meta.get() or []), None)
-        shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key, run=self.run)
+        logged = list(self.sync_log.get() or [])
+        seeded = meta is None and not logged and shard.key in self.seeds
+        if seeded:      # new at this parallelism: a copy of its old shard (the fresh model is not used)
+            shard.sync, blob = self._await_seed(shard.key)
+            shard.model = model_class(self.cfg).from_bytes(blob, self.cfg.model)
+        else:
+            shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key, run=self.run)
+        shard.model.start_sync()
         shard.sync.life = self.life
         wanted = [shard.sync.positions] + [inbox.positions(self.feed.positions()) for inbox in self.inboxes.values()]
         self.inboxes[shard.key] = SyncInbox(shard.sync)
         self.feed.start({p: min(w[p] for w in wanted) for p in set.intersection(*(set(w) for w in wanted))})
-        logged = list(self.sync_log.get() or [])
         if meta is None and not logged:
             # A fresh replica: its exchange (run) and where it began to read go into its state at once. A job
             # resumed from a savepoint taken before the first snapshot must re-read the deltas that its log says
             # were applied; with the resumed job's own run it would skip them all and wait for them in vain.
+            # A seeded one's model too: a checkpoint without it would restore its later calls onto a fresh model.
             shard.sync.positions = self.feed.positions()
             self.sync_meta.add(shard.sync.to_text())
+            if seeded:
+                self.model_state.add(base64.b64encode(blob).decode("ascii"))
         steps: dict[int, list[list[str]]] = {}
         for entry in logged:
             step = entry.split()
@@ -493,6 +551,10 @@ class RecommendOnlineSynced(RecommendOnline):
     def _read_feed(self, timeout: float = 0.0) -> None:
         now = time.time() * 1000
         for partition, offset, text in self.feed.poll(timeout):
+            if is_seed(text):
+                if int(text.split(" ", 2)[1]) in self.seeds_here.values():
+                    self.seed_parts.add(text)
+                continue
             for inbox in self.inboxes.values():
                 if (rec := inbox.add(partition, offset, text)) is not None:
                     self.received += 1
