@@ -143,20 +143,20 @@ def shard_keys(parallelism: int, max_parallelism: int) -> list[int]:
     return [keys[j] for j in range(parallelism)]
 
 
-def model_shards(cfg: Config, from_savepoint: str | None = None) -> tuple[list[int], dict[int, int]]:
-    """The job's model-shard keys, and which old shard each new one starts from (new key -> old key): one shard
-    per subtask; resumed, the savepoint's shards, rescaled to ``flink.parallelism`` (``savepoints.rescaled_shards``:
-    kept at a lower parallelism, doubled by copies at a higher one)."""
+def model_shards(cfg: Config, from_savepoint: str | None = None) -> savepoints.ShardLayout:
+    """The job's model shards: one per subtask; resumed, the savepoint's shards, rescaled to ``flink.parallelism``
+    (``savepoints.rescaled_shards``: kept at a lower parallelism, doubled by copies at a higher one)."""
     p, max_p = cfg.flink.parallelism, cfg.flink.max_parallelism
     saved = savepoints.saved_config(cfg, from_savepoint) if from_savepoint else None
     if not saved:
-        return shard_keys(p, max_p), {}
+        return savepoints.ShardLayout(shard_keys(p, max_p), {})
     old = saved.get("shard_keys") or shard_keys(int(saved["flink"]["parallelism"]), max_p)
-    return savepoints.rescaled_shards(old, p, lambda key: subtask_of(key, p, max_p))
+    keys, seeds = savepoints.rescaled_shards(old, p, lambda key: subtask_of(key, p, max_p))
+    return savepoints.ShardLayout(keys, seeds, savepoints.singleton_shards(saved))
 
 
 def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool,
-                   shards: tuple[list[int], dict[int, int]] | None = None) -> StreamTableEnvironment:
+                   shards: savepoints.ShardLayout | None = None) -> StreamTableEnvironment:
     """Wire source -> parse -> window -> model -> sinks onto ``env``; returns the table env holding the sinks.
     ``shards``: the model shards (:func:`model_shards`; by default one per subtask)."""
     t_env = StreamTableEnvironment.create(env)
@@ -173,8 +173,9 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool,
     # -> one row per (model shard, window) with every user's items (JVM windows), plus the dead letters,
     #    in one stream: the only one that crosses into Python.
     #    Each row comes as (shard, row): keyed in the JVM (see _keyed_by_first_field).
-    keys, seeds = shards or model_shards(cfg)
-    t_env.create_temporary_view("window_batches", t_env.sql_query(tables.window_batches_query(cfg, "on_time", keys)))
+    keys, seeds, singleton = shards or model_shards(cfg)
+    t_env.create_temporary_view("window_batches", t_env.sql_query(
+        tables.window_batches_query(cfg, "on_time", keys, singleton)))
     to_model = t_env.to_append_stream(t_env.sql_query(
         "SELECT shard, ROW(kind, shard, window_end_ms, closed_at, body) FROM ("
         "SELECT 'win' AS kind, shard, window_end_ms, closed_at, quads AS body FROM window_batches "
@@ -260,17 +261,17 @@ def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str
         build_reference_pipeline(env, cfg, bounded).execute().wait()
         return
     shards = model_shards(cfg, from_savepoint)
-    if shards[1]:
+    if shards.seeds:
         print(f"resuming at parallelism {cfg.flink.parallelism} with more model shards than the savepoint's: new shards "
-              f"{sorted(shards[1])} start from copies of shards {[shards[1][k] for k in sorted(shards[1])]}",
+              f"{sorted(shards.seeds)} start from copies of shards {[shards.seeds[k] for k in sorted(shards.seeds)]}",
               file=sys.stderr, flush=True)
     build_pipeline(env, cfg, bounded, shards)
     if not wait:      # `flink run -d`: execute() hands the job to the cluster and returns
-        savepoints.record_job(cfg, str(env.execute(JOB_NAME).get_job_id()), bounded, shards[0])
+        savepoints.record_job(cfg, str(env.execute(JOB_NAME).get_job_id()), bounded, shards)
         return
     client = env.execute_async(JOB_NAME)
     job_id = str(client.get_job_id())
-    savepoints.record_job(cfg, job_id, bounded, shards[0])
+    savepoints.record_job(cfg, job_id, bounded, shards)
     print(f"job {job_id} started", file=sys.stderr, flush=True)
     client.get_job_execution_result().result()
 

@@ -237,25 +237,32 @@ def late_reason_sql(cfg: Config) -> str:
             f"CAST({window_end_sql(cfg, 'ts')} AS STRING), ') has closed')")
 
 
-def shard_sql(user: str, keys: Sequence[int]) -> str:
+def shard_sql(user: str, keys: Sequence[int], singleton: bool = False) -> str:
     """Which model shard a user's increments go to: ``keys[hash(user) mod len(keys)]``, stable across runs
     (Java's String.hashCode). ``keys``: one key per shard, chosen to land on distinct subtasks.
 
+    One shard is an expression of the user too (``+ 0``: always the key), not the constant: grouped by a
+    constant, the planner runs the per-shard window stage as a singleton task (max parallelism 1), whose
+    state cannot be restored at a higher parallelism. ``singleton``: the constant, as Freshet wrote it before
+    rescaling (its p = 1 savepoints hold that plan's state and resume only into it).
+
     >>> shard_sql("u", [0])
+    'CAST(MOD(ABS(MOD(HASH_CODE(u), 1048576)), 1) AS INT) + 0'
+    >>> shard_sql("u", [0], singleton=True)
     '0'
     >>> shard_sql("u", [0, 5])
     'CASE CAST(MOD(ABS(MOD(HASH_CODE(u), 1048576)), 2) AS INT) WHEN 0 THEN 0 ELSE 5 END'
     """
-    if len(keys) == 1:
-        return str(int(keys[0]))
     which = f"CAST(MOD(ABS(MOD(HASH_CODE({user}), 1048576)), {len(keys)}) AS INT)"
+    if len(keys) == 1:
+        return str(int(keys[0])) if singleton else f"{which} + {int(keys[0])}"
     cases = " ".join(f"WHEN {j} THEN {int(k)}" for j, k in enumerate(keys[:-1]))
     return f"CASE {which} {cases} ELSE {int(keys[-1])} END"
 
 
-def window_batches_query(cfg: Config, events: str, shard_keys: Sequence[int]) -> str:
+def window_batches_query(cfg: Config, events: str, shard_keys: Sequence[int], singleton: bool = False) -> str:
     """Per (model shard, window): every user's items with summed weights and counts, in one row. ``shard_keys``:
-    the key of each shard (:func:`shard_sql`).
+    the key of each shard; ``singleton``: one shard as a constant (:func:`shard_sql`).
 
     ``quads`` is ``[[user, item, weight, count], ...]`` as JSON text. The inner window aggregation sums per
     (user, item); the outer one, a cascaded window over the same tumbling window, folds a whole window of
@@ -271,12 +278,12 @@ WITH per_item AS (
   FROM TABLE(TUMBLE(TABLE {events}, DESCRIPTOR(rowtime), {size}))
   GROUP BY user_id, item_id, window_start, window_end, window_time
 )
-SELECT {shard_sql('user_id', shard_keys)} AS shard,
+SELECT {shard_sql('user_id', shard_keys, singleton)} AS shard,
        MAX(max_ts) - MOD(MAX(max_ts), {size_ms}) + {size_ms} AS window_end_ms,
        {now_ms_sql()} AS closed_at,
        JSON_ARRAYAGG(JSON_ARRAY(user_id, item_id, weight, cnt)) AS quads
 FROM TABLE(TUMBLE(TABLE per_item, DESCRIPTOR(item_time), {size}))
-GROUP BY {shard_sql('user_id', shard_keys)}, window_start, window_end
+GROUP BY {shard_sql('user_id', shard_keys, singleton)}, window_start, window_end
 """
 
 

@@ -30,7 +30,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from freshet.conf.settings import Config, ConfigError
 from freshet.models.base import FIXED_SETTINGS
@@ -41,8 +41,18 @@ CONFIG_FILE = "freshet-config.json"
 # and size; keyed state is split into key groups by the max parallelism. (The parallelism may change: the
 # model shards are kept, :func:`rescaled_shards`.)
 FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "max_parallelism"),)
-# What a job's record holds besides its config: whether its input was bounded, and its model shards' keys.
-RECORD_EXTRAS = ("bounded", "shard_keys")
+# What a job's record holds besides its config: whether its input was bounded, its model shards' keys, and
+# whether its per-shard window stage was one task (a version before rescaling, at parallelism 1).
+RECORD_EXTRAS = ("bounded", "shard_keys", "singleton_shards")
+
+
+class ShardLayout(NamedTuple):
+    """A job's model shards: their keys, for a rescaled resume the old shard each new one starts from (new key ->
+    old key), and whether one shard is grouped by a constant (``jobs/tables.shard_sql``: kept for p = 1
+    savepoints of Freshet versions before rescaling, whose state only that plan restores)."""
+    keys: list[int]
+    seeds: dict[int, int]
+    singleton: bool = False
 
 
 def config_record(cfg: Config) -> dict:
@@ -62,17 +72,32 @@ def incompatible(saved: dict, cfg: Config) -> list[str]:
     []
     >>> print(incompatible(saved, cfg.replace(flink={"parallelism": 4}))[0][:60])
     flink.parallelism can grow past the savepoint's 2 model shar
+    >>> bpr = cfg.replace(model={"kind": "bpr"})
+    >>> old = config_record(bpr.replace(flink={"parallelism": 1}))       # p = 1, before rescaling
+    >>> print(incompatible(old, bpr.replace(flink={"parallelism": 2}))[0][:57])
+    flink.parallelism cannot grow from this savepoint: it was
     """
     now = config_record(cfg)
     problems = [f"{section}.{key} is {saved[section][key]!r} in the savepoint, {now[section][key]!r} now".replace("'", "")
                 + " (part of the saved state: set it back, or start fresh)"
                 for section, key in FIXED if section in saved and key in saved[section] and saved[section][key] != now[section][key]]
     shards = saved_shard_count(saved)
-    if shards and cfg.flink.parallelism > shards and not (cfg.model.kind in SYNCED_KINDS and cfg.flink.replica_sync):
+    if singleton_shards(saved) and cfg.flink.parallelism > 1:
+        problems.append("flink.parallelism cannot grow from this savepoint: it was taken at parallelism 1 by a Freshet "
+                        "version before rescaling, whose per-shard window stage runs as one task (max parallelism 1 in "
+                        "its state): resume it at parallelism 1, or start fresh")
+    elif shards and cfg.flink.parallelism > shards and not (cfg.model.kind in SYNCED_KINDS and cfg.flink.replica_sync):
         problems.append(f"flink.parallelism can grow past the savepoint's {shards} model shards only for model kinds "
                         f"{', '.join(SYNCED_KINDS)} with flink.replica_sync on (a new shard starts from a copy of an old "
                         f"one); model.kind is {cfg.model.kind}: resume at parallelism {shards} or less, or start fresh")
     return problems
+
+
+def singleton_shards(saved: dict) -> bool:
+    """Whether a recorded job grouped its one shard by a constant (:class:`ShardLayout`): recorded so, or recorded
+    at parallelism 1 without its shard keys (by a version before rescaling)."""
+    return bool(saved.get("singleton_shards")) or (
+        "shard_keys" not in saved and int(saved.get("flink", {}).get("parallelism", 0)) == 1)
 
 
 def saved_shard_count(saved: dict) -> int:
@@ -134,13 +159,13 @@ def savepoint_dir(cfg: Config) -> Path:
     return cfg.local.home_path() / "savepoints"
 
 
-def record_job(cfg: Config, job_id: str, bounded: bool, shard_keys: Sequence[int]) -> Path:
+def record_job(cfg: Config, job_id: str, bounded: bool, shards: ShardLayout) -> Path:
     """Keep the config a job started with (``<home>/jobs/<job id>.json``), whether its input was bounded, and its
-    model shards' keys (a resume keeps them: :func:`rescaled_shards`)."""
+    model shards (a resume keeps them: :func:`rescaled_shards`)."""
     path = jobs_dir(cfg) / f"{job_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**config_record(cfg), "bounded": bounded, "shard_keys": [int(k) for k in shard_keys]},
-                               indent=1))
+    path.write_text(json.dumps({**config_record(cfg), "bounded": bounded, "shard_keys": [int(k) for k in shards.keys],
+                                "singleton_shards": shards.singleton}, indent=1))
     return path
 
 
