@@ -241,13 +241,13 @@ def shard_sql(user: str, keys: Sequence[int], singleton: bool = False) -> str:
     """Which model shard a user's increments go to: ``keys[hash(user) mod len(keys)]``, stable across runs
     (Java's String.hashCode). ``keys``: one key per shard, chosen to land on distinct subtasks.
 
-    One shard is an expression of the user too (``+ 0``: always the key), not the constant: grouped by a
-    constant, the planner runs the per-shard window stage as a singleton task (max parallelism 1), whose
+    One shard is an expression of the user too (always the key), not the constant, and of the same type as
+    the CASE of several (INT NOT NULL: a key type differs at restore otherwise). Grouped by a constant, the planner runs the per-shard window stage as a singleton task (max parallelism 1), whose
     state cannot be restored at a higher parallelism. ``singleton``: the constant, as Freshet wrote it before
     rescaling (its p = 1 savepoints hold that plan's state and resume only into it).
 
     >>> shard_sql("u", [0])
-    'CAST(MOD(ABS(MOD(HASH_CODE(u), 1048576)), 1) AS INT) + 0'
+    'COALESCE(CAST(MOD(ABS(MOD(HASH_CODE(u), 1048576)), 1) AS INT), 0) + 0'
     >>> shard_sql("u", [0], singleton=True)
     '0'
     >>> shard_sql("u", [0, 5])
@@ -255,7 +255,7 @@ def shard_sql(user: str, keys: Sequence[int], singleton: bool = False) -> str:
     """
     which = f"CAST(MOD(ABS(MOD(HASH_CODE({user}), 1048576)), {len(keys)}) AS INT)"
     if len(keys) == 1:
-        return str(int(keys[0])) if singleton else f"{which} + {int(keys[0])}"
+        return str(int(keys[0])) if singleton else f"COALESCE({which}, 0) + {int(keys[0])}"
     cases = " ".join(f"WHEN {j} THEN {int(k)}" for j, k in enumerate(keys[:-1]))
     return f"CASE {which} {cases} ELSE {int(keys[-1])} END"
 
