@@ -572,3 +572,4 @@ def test_a_shard_new_at_a_larger_parallelism_starts_from_a_copy_of_its_old_shard
     again.fn.seeds, again.fn.seeds_here = {1: 0}, {1: 0}   # no seed of its new life is on the topic: it must not wait
     again.window(300000, [["u1", "q", 1.0, 1]])
     assert again.fn.shards[1].model.users.ids == b.fn.shards[1].model.users.ids
+    assert again.fn.seeds_here == {}, "loaded from its own state: no seed of its source is kept for it"

@@ -488,10 +488,14 @@ class RecommendOnlineSynced(RecommendOnline):
                                    f"{self.restore_wait_s:.0f}s (shard {source} sends it once its first window or timer "
                                    "reaches it after the resume)")
             self._read_feed(timeout=1.0)
-        del self.seeds_here[key]
-        if source not in self.seeds_here.values():     # every new replica here has its copy
-            self.seed_parts.drop(source)
         return seed
+
+    def _seeded(self, key: int) -> None:
+        """``key`` is loaded, from its copy or (restored after its first checkpoint) from its own state: once every
+        new replica here is, the seeds read of its source (sent again at each of the source's loads) go."""
+        source = self.seeds_here.pop(key, None)
+        if source is not None and source not in self.seeds_here.values():
+            self.seed_parts.drop(source)
 
     def _replica_restored(self, shard: Shard) -> dict:
         """Start the sync from the loaded model (a snapshot is always taken right after a send, so it is the
@@ -503,7 +507,8 @@ class RecommendOnlineSynced(RecommendOnline):
         if seeded:      # new at this parallelism: a copy of its old shard (the fresh model is not used)
             shard.sync, blob = self._await_seed(shard.key)
             shard.model = model_class(self.cfg).from_bytes(blob, self.cfg.model)
-        else:
+        self._seeded(shard.key)
+        if not seeded:
             shard.sync = ReplicaState.from_text(meta) if meta else ReplicaState(own=shard.key, run=self.run)
         shard.model.start_sync()
         shard.sync.life = self.life
