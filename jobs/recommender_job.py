@@ -187,7 +187,7 @@ def build_pipeline(env: StreamExecutionEnvironment, cfg: Config, bounded: bool,
 
     # -> keyed by model shard (one model per subtask, its state in Flink checkpoints): micro-batched
     #    online learning, top-K per active user when the window closes, live-metrics records.
-    #    At parallelism > 1 the replicas learn as one model: each one's changes of the shared variables go to
+    #    With more than one shard the replicas learn as one model: each one's changes of the shared variables go to
     #    the sync topic, which every replica reads itself before each call (RecommendOnlineSynced, Kafka clients).
     keyed = _keyed_by_first_field(to_model, Types.INT(), INPUT_TYPE)
     if replica_sync_on(cfg, len(keys)):
@@ -262,7 +262,7 @@ def run(cfg: Config, bounded: bool, reference: bool = False, from_savepoint: str
         return
     shards = model_shards(cfg, from_savepoint)
     if shards.seeds:
-        print(f"resuming at parallelism {cfg.flink.parallelism} with more model shards than the savepoint's: new shards "
+        print(f"{savepoints.RESCALE_NOTICE} {cfg.flink.parallelism} with more model shards than the savepoint's: new shards "
               f"{sorted(shards.seeds)} start from copies of shards {[shards.seeds[k] for k in sorted(shards.seeds)]}",
               file=sys.stderr, flush=True)
     build_pipeline(env, cfg, bounded, shards)

@@ -252,6 +252,9 @@ class LocalFlinkCluster:
                     + (["--from-savepoint", from_savepoint] if from_savepoint else []))   # the job keeps its model shards
         env = {**self._env(), **(env_overrides or {})}
         done = subprocess.run(args + job_args, env=env, capture_output=True, text=True, timeout=300)
+        for line in (done.stdout + done.stderr).splitlines():
+            if savepoints.RESCALE_NOTICE in line:        # the job's own word on a rescaled resume, for the user
+                print(line[line.index(savepoints.RESCALE_NOTICE):], file=sys.stderr)
         match = re.search(r"JobID ([0-9a-f]{32})", done.stdout + done.stderr)
         if done.returncode != 0 or not match:
             raise RuntimeError(f"flink run failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")

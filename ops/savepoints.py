@@ -44,6 +44,8 @@ FIXED = tuple(("model", key) for key in FIXED_SETTINGS) + (("flink", "max_parall
 # What a job's record holds besides its config: whether its input was bounded, its model shards' keys, and
 # whether its per-shard window stage was one task (a version before rescaling, at parallelism 1).
 RECORD_EXTRAS = ("bounded", "shard_keys", "singleton_shards")
+# How a job resumed with new shards says so on stderr (`freshet submit` passes the line on from `flink run`).
+RESCALE_NOTICE = "resuming at parallelism"
 
 
 class ShardLayout(NamedTuple):

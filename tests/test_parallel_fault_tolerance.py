@@ -186,7 +186,9 @@ def test_a_savepoint_resumes_at_another_parallelism_and_the_model_goes_on(setup,
     rescaled = dump_config(run.replace(flink={"parallelism": after}), tmp / f"p{before}to{after}.yaml")
     started, resumed_at = time.monotonic(), time.time() * 1000
     assert main(["submit", "--config", str(rescaled), "--from-savepoint", location]) == 0
-    resumed = capsys.readouterr().out.strip().splitlines()[-1]
+    said = capsys.readouterr()
+    resumed = said.out.strip().splitlines()[-1]
+    assert ("start from copies of shards [0]" in said.err) == (after > before), said.err   # the user is told
     resume_s = time.monotonic() - started + wait_running(cluster, resumed)
     assert (cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}).get("is_savepoint")
     # The second half at RATE, so that the resumed job runs long enough for every shard's live metrics.
