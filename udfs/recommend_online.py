@@ -50,11 +50,10 @@ END_OF_INPUT = 2 ** 63 - 1
 LEVELS = ("last_model_call_ms", "live_hit_rate_ppm", "live_events", "model_version", "restored_windows")
 
 
-def replica_sync_on(cfg: Config, shards: int | None = None) -> bool:
+def replica_sync_on(cfg: Config, shards: int) -> bool:
     """Whether the job's model replicas exchange their changes (see :class:`RecommendOnlineSynced`): when it has
-    more than one model shard (one per subtask, ``flink.parallelism``, unless a rescaled savepoint keeps more)."""
-    count = cfg.flink.parallelism if shards is None else shards
-    return count > 1 and cfg.flink.replica_sync and cfg.model.kind in SYNCED_KINDS
+    more than one model shard (one per subtask, unless a savepoint resumed at a lower parallelism keeps more)."""
+    return shards > 1 and cfg.flink.replica_sync and cfg.model.kind in SYNCED_KINDS
 
 
 def model_class(cfg: Config):
