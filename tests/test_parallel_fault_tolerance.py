@@ -76,10 +76,11 @@ def paced_run(setup, name, capsys, fault=None) -> dict:
     finally:
         producer.join()
     wait_until_lists_settle(run, cluster, job)
+    listed = len(kafka_io.read_json(run, run.kafka.output_topic))   # before the drain closes the last windows
     metrics = kafka_io.read_json(run, run.kafka.metrics_topic)     # this job's, before any resumed one's
     stop(job, config, capsys, "--drain")          # the end of the log: the last windows close
     result = score(run, log_df)
-    result.update(job=job, job_metrics=metrics)
+    result.update(job=job, job_metrics=metrics, listed_before_drain=listed)
     return result
 
 
@@ -111,6 +112,8 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
     ends = final_metrics(reference)
     assert len(ends) == 2 and all(m["shards_on_subtask"] == 1 and m["sync_applied"] > 0 for m in ends), ends
     assert all(m["attempt"] == 0 for m in ends), "no restart in the uninterrupted run"
+    assert sum(m["recommendations_emitted"] for m in ends) == reference["listed_before_drain"], \
+        "each shard's last live-metrics record reports its last call (its report timer, once its event timers stop)"
     killed = {}
 
     def kill_one_taskmanager(run, job):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from pyflink.datastream import TimeDomain
 
 from freshet.models.shared import SyncRecord
 from freshet.udfs.recommend_online import END_OF_INPUT, RecommendOnline
@@ -87,9 +88,16 @@ class FakeRuntimeContext:
 class FakeTimers:
     def __init__(self):
         self.timers, self.watermark = [], -1
+        self.processing, self.now_ms = [], 1_000_000     # processing-time timers, and the wall clock
 
     def register_event_time_timer(self, t):
         self.timers.append(t)
+
+    def register_processing_time_timer(self, t):
+        self.processing.append(t)
+
+    def current_processing_time(self):
+        return self.now_ms
 
     def current_watermark(self):
         return self.watermark
@@ -98,6 +106,10 @@ class FakeTimers:
 class FakeContext:
     def __init__(self, key=0, runtime=None):
         self.timers, self.key, self.runtime = FakeTimers(), key, runtime
+        self.domain = TimeDomain.EVENT_TIME          # of the timer being fired
+
+    def time_domain(self):
+        return self.domain
 
     def timer_service(self):
         return self.timers
@@ -144,6 +156,35 @@ def test_levels_are_counters_set_from_the_task_thread_never_python_gauges(cfg):
     fn.shards[0].last_call_ms = 0.0              # a level goes down as well as up
     fn._publish_levels(fn.shards[0])
     assert rc.metrics.counters["last_model_call_ms"].get_count() == 0
+
+
+def test_a_shard_whose_timers_stop_before_its_metrics_are_due_still_reports_its_last_calls(cfg):
+    """Live metrics go out at most every ``flink.metrics_interval_ms``, from the shard's timers. When its event-time
+    timers stop before the next report is due (its input caught up, or paused), a processing-time timer reports what
+    it did since its last record, once: a p = 2 replica restored after a kill -9 caught up within the interval and
+    left no record of its new life (CI failure of the p = 2 kill -9 test)."""
+    fn = RecommendOnline(cfg.replace(model={"kind": "echo"}, flink={"metrics_interval_ms": 10000}))
+    rc, ctx = FakeRuntimeContext(), FakeContext()
+    fn.open(rc)
+
+    def fire(timestamp, domain=TimeDomain.EVENT_TIME):
+        ctx.domain = domain
+        return [json.loads(r[2]) for r in fn.on_timer(timestamp, ctx) if r[0] == "metrics"]
+
+    list(fn.process_element(window_row(60000, [["u1", "a", 1.0, 1]]), ctx))
+    ctx.timers.watermark = 60000
+    assert fire(59999) == [], "the shard reports at most every metrics_interval_ms (it started just now)"
+    assert len(ctx.timers.processing) == 1 and 1_000_000 < ctx.timers.processing[0] <= 1_010_000
+
+    list(fn.process_element(window_row(120000, [["u2", "b", 1.0, 2]]), ctx))
+    ctx.timers.watermark = 120000
+    assert fire(119999) == [] and len(ctx.timers.processing) == 1, "one report timer at a time"
+
+    [report] = fire(ctx.timers.processing[0], TimeDomain.PROCESSING_TIME)
+    assert report["model_calls"] == 2 and report["recommendations_emitted"] == 2 and report["watermark"] == 120000
+    assert fire(ctx.timers.processing[0], TimeDomain.PROCESSING_TIME) == [], "nothing new: no second record"
+    ctx.timers.watermark = 130000
+    assert fire(129999) == [] and len(ctx.timers.processing) == 1, "nothing new since the report: no timer"
 
 
 def test_a_window_row_behind_the_watermark_is_listed_when_it_arrives(cfg):

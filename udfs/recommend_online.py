@@ -28,7 +28,7 @@ import time
 
 from pyflink.common import Row
 from pyflink.common.typeinfo import Types
-from pyflink.datastream import KeyedProcessFunction
+from pyflink.datastream import KeyedProcessFunction, TimeDomain
 from pyflink.datastream.state import ListStateDescriptor
 
 from freshet.conf.settings import Config
@@ -123,6 +123,8 @@ class Shard:
         self.restored_upto = 0            # the last window_end of the calls re-learned on restore
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
+        self.reported: tuple = ()         # report_state() at its last live-metrics record
+        self.metrics_timer = False        # a processing-time timer will report it (see _report_later)
         self.live = LiveHitRate(k)
         self.logged_calls = 0             # calls in the flush log (since the last snapshot)
         self.sync: ReplicaState | None = None       # parallelism > 1: this replica's place in the exchange
@@ -133,6 +135,10 @@ class Shard:
         self.heartbeat: int | None = None           # its timer at the next window end after the watermark
         self.sync_wait_s = 0.0                      # waited for it since (re)start
         self.sync_wait_timeouts = 0
+
+    def report_state(self) -> tuple:
+        """What changes when the shard has something new to report in its live metrics."""
+        return self.calls, self.emitted, self.sync_applied, self.sync_bytes
 
 
 class RecommendOnline(KeyedProcessFunction):
@@ -258,6 +264,11 @@ class RecommendOnline(KeyedProcessFunction):
 
     def on_timer(self, timestamp, ctx):
         shard = self._shard(ctx.get_current_key())
+        if ctx.time_domain() == TimeDomain.PROCESSING_TIME:        # _report_later's: live metrics only
+            shard.metrics_timer = False
+            if shard.report_state() != shard.reported:
+                yield self._metrics_row(shard, ctx.timer_service().current_watermark())
+            return
         if shard.armed is not None and shard.armed <= timestamp:
             shard.armed = None   # fired (timers fire in timestamp order)
         yield from self._fire(shard, ctx, timestamp)
@@ -273,8 +284,9 @@ class RecommendOnline(KeyedProcessFunction):
             self._replica_idle(shard)
         self._arm(shard, ctx)
         if self._metrics_due(shard, watermark):
-            yield Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
-                      None)
+            yield self._metrics_row(shard, watermark)
+        else:
+            self._report_later(shard, ctx)
 
     def _calls(self, shard: Shard, closed) -> list:
         """The model calls that learn and list ``closed``: one (a replica may make more, to sync between them)."""
@@ -353,6 +365,24 @@ class RecommendOnline(KeyedProcessFunction):
             shard.last_metrics = now
             return True
         return False
+
+    def _report_later(self, shard: Shard, ctx) -> None:
+        """A shard with news that is not due for a report yet gets a processing-time timer at its next report's
+        time. Without it a shard whose event-time timers stop (its input caught up, or ended without a drain)
+        never reported its last calls: a restored replica that caught up within ``flink.metrics_interval_ms``
+        of its restart left no record of its new life at all (a CI failure of the p = 2 kill -9 test)."""
+        if shard.metrics_timer or shard.end_reported or shard.report_state() == shard.reported:
+            return
+        wait_s = self.cfg.flink.metrics_interval_ms / 1000 - (time.monotonic() - shard.last_metrics)
+        ctx.timer_service().register_processing_time_timer(
+            ctx.timer_service().current_processing_time() + max(int(wait_s * 1000), 1))
+        shard.metrics_timer = True
+
+    def _metrics_row(self, shard: Shard, watermark: int) -> Row:
+        """The shard's live-metrics record, as the operator emits it."""
+        shard.last_metrics, shard.reported = time.monotonic(), shard.report_state()
+        return Row("metrics", f"shard-{shard.key}", json.dumps({"shard": shard.key, **self._metrics(shard, watermark)}),
+                   None)
 
     def _metrics(self, shard: Shard, watermark: int) -> dict:
         """One live-metrics record (the metrics topic): the shard's quality since (re)start, model size and speed."""
