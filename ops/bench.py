@@ -25,6 +25,7 @@ round-robin to N pseudo-users; same events, same items), to show how cost per ev
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -59,9 +60,10 @@ SYSTEMS = {
 
 
 class ProcessTreeMonitor(threading.Thread):
-    """Samples a process and all its descendants: peak of the summed RSS, CPU seconds per process."""
+    """Samples a process and all its descendants: peak of the summed RSS, CPU seconds per process; with
+    ``threads``, also the CPU seconds of each thread of the root process, by thread name (``cpu_of_threads``)."""
 
-    def __init__(self, pid: int, every_s: float = 0.2):
+    def __init__(self, pid: int, every_s: float = 0.2, threads: bool = False):
         super().__init__(daemon=True)
         import psutil
         self.psutil = psutil
@@ -69,6 +71,7 @@ class ProcessTreeMonitor(threading.Thread):
         self.every_s = every_s
         self.peak_rss = 0
         self.cpu: dict[int, float] = {}
+        self.threads: dict[int, tuple[str, float]] | None = {} if threads else None
         self._halt = threading.Event()
 
     def sample(self) -> None:
@@ -86,6 +89,18 @@ class ProcessTreeMonitor(threading.Thread):
             except self.psutil.Error:
                 continue
         self.peak_rss = max(self.peak_rss, rss)
+        if self.threads is not None:
+            for tid, (name, cpu) in thread_cpu(self.root.pid).items():
+                self.threads[tid] = (name, max(cpu, self.threads.get(tid, ("", 0.0))[1]))
+
+    def cpu_of_threads(self, *prefixes: str) -> float:
+        """CPU seconds of the root's threads whose name starts with one of ``prefixes``, up to the last sample
+        (a thread that ended loses what it used after the last sample it was seen in)."""
+        return sum(cpu for name, cpu in (self.threads or {}).values() if name.startswith(prefixes))
+
+    def count_threads(self, *prefixes: str) -> int:
+        """How many of the root's threads seen so far have a name that starts with one of ``prefixes``."""
+        return sum(name.startswith(prefixes) for name, _ in (self.threads or {}).values())
 
     def run(self) -> None:
         while not self._halt.wait(self.every_s):
@@ -98,6 +113,23 @@ class ProcessTreeMonitor(threading.Thread):
     @property
     def cpu_seconds(self) -> float:
         return sum(self.cpu.values())
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of process ``pid``: thread id -> (its name as the kernel has it, at most 15 characters; CPU
+    seconds, user and system), from ``/proc/<pid>/task/*/stat``. A JVM gives its threads' names to the kernel
+    (Flink's task threads: the task's name, e.g. ``recommend-onlin``); threads a native library starts take
+    their creator's name unless they name themselves (librdkafka's: ``rdk:...``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:            # the thread ended
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        out[int(stat.parent.name)] = (name, (int(rest[11]) + int(rest[12])) / tick)
+    return out
 
 
 def percentile(values, q: float) -> float | None:

@@ -8,8 +8,13 @@ and from its own output and metrics:
 * CPU seconds of every TaskManager and the JobManager (psutil) from the submit on (their own start-up before it
   is left out; the job's start-up, TensorFlow's import and the XLA compile in each TaskManager, is in), per
   1,000 events for the whole job;
-* model-call seconds per subtask (``model_call_seconds`` of each shard's end-of-input metrics record: the time
-  inside model calls, applies and sends included) and their sum per 1,000 events: the model operator's cost;
+* model-call seconds per subtask (``model_call_seconds`` of each shard's end-of-input metrics record: the *wall*
+  time inside model calls, applies and sends included) and their sum per 1,000 events;
+* the model operator's CPU seconds per subtask: its task thread's (``recommend-online``, and what Flink chains to
+  it: the conversion to the sinks' rows, their filters and Kafka writers; the threads TensorFlow starts from it
+  carry its name) plus its Kafka clients' threads (librdkafka's ``rdk:``: the sync topic's producer and reader),
+  from ``/proc/<pid>/task/*/stat`` of each TaskManager; summed per 1,000 events: the model operator's cost, sync
+  included, which the wall time of its calls overstates on a machine with fewer cores than busy threads;
 * the sync at p > 1: bytes sent per second of processing, the send -> apply lag (mean of the replicas' means,
   and the largest), time spent waiting for the others;
 * peak RSS of each TaskManager.
@@ -33,6 +38,8 @@ from freshet.ops.bench import (LOG_APPEND_TIME, SYSTEMS, ProcessTreeMonitor, hea
 from freshet.ops.flink_cluster import LocalFlinkCluster
 
 SWEEP_REST_PORT = 18071     # the sweep's own clusters: never the user's (local.flink_rest_port)
+MODEL_THREAD = "recommend-onli"   # the model operator's task thread, as the kernel names it (15 characters at most)
+SYNC_CLIENT_THREADS = "rdk:"      # librdkafka's threads: the operator's Kafka clients (the sync topic's)
 
 
 def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, timeout_s: float = 7200) -> dict:
@@ -44,7 +51,8 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
     try:
         taskmanagers = sorted(cluster.pids().get("taskexecutor", []))
         assert len(taskmanagers) == p, f"{len(taskmanagers)} TaskManager processes, expected {p}"
-        monitors = {pid: ProcessTreeMonitor(pid) for pid in taskmanagers + cluster.pids().get("standalonesession", [])}
+        monitors = {pid: ProcessTreeMonitor(pid, threads=pid in taskmanagers)
+                    for pid in taskmanagers + cluster.pids().get("standalonesession", [])}
         for m in monitors.values():
             m.sample()                # the processes' own start-up, before the job: not the job's cost
         baseline = {pid: m.cpu_seconds for pid, m in monitors.items()}
@@ -68,6 +76,9 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
             m.stop()
         if state != "FINISHED":
             raise RuntimeError(f"p = {p}: job {job} ended {state}; see {cluster.dir / 'logs'}")
+        if not any(monitors[pid].cpu_of_threads(MODEL_THREAD) for pid in taskmanagers):
+            raise RuntimeError(f"p = {p}: no TaskManager thread named {MODEL_THREAD}*: the model operator's CPU "
+                               "cannot be measured (was its task renamed?)")
     finally:
         cluster.stop(log=lambda *_: None)
     used = {pid: m.cpu_seconds - baseline[pid] for pid, m in monitors.items()}
@@ -83,6 +94,8 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         raise RuntimeError(f"p = {p}: {len(ends)} end-of-input metrics records, expected one per subtask")
     lags = [m for m in metrics if m.get("sync_lag_ms_mean") is not None]
     model_s = [m["model_call_seconds"] for m in ends]
+    model_cpu = [round(monitors[pid].cpu_of_threads(MODEL_THREAD), 1) for pid in taskmanagers]
+    sync_cpu = [round(monitors[pid].cpu_of_threads(SYNC_CLIENT_THREADS), 2) for pid in taskmanagers]
     stream = zip(df["user_id"], df["item_id"], df["ts"])
     out.update({
         "parallelism": p, "job": job,
@@ -91,6 +104,9 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         "taskmanager_cpu_s": tm_cpu, "taskmanager_peak_rss_mib": tm_rss,
         "model_call_s": model_s, "model_calls": [m["model_calls"] for m in ends],
         "model_ms_per_1k_events": round(sum(model_s) / len(df) * 1e6, 1),
+        "model_thread_cpu_s": model_cpu, "sync_client_cpu_s": sync_cpu,
+        "sync_client_threads": [monitors[pid].count_threads(SYNC_CLIENT_THREADS) for pid in taskmanagers],
+        "model_cpu_ms_per_1k_events": round((sum(model_cpu) + sum(sync_cpu)) / len(df) * 1e6, 1),
         "sync_bytes_per_s": round(sum(m.get("sync_bytes_sent", 0) for m in ends) / out["processing_s"], 1)
         if out["processing_s"] else None,
         "sync_lag_ms_mean": round(sum(m["sync_lag_ms_mean"] for m in lags) / len(lags), 1) if lags else None,
@@ -136,8 +152,15 @@ def sweep(cfg: Config, dataset: str, parallelisms: list[int], out_dir: Path, eve
 
 def summary_line(r: dict) -> str:
     return (f"p = {r['parallelism']}: HR@10 {r['HR@10']}, {r['events_per_s']:,.0f} events/s, CPU {r['cpu_s']}s "
-            f"({r['cpu_ms_per_1k_events']} ms per 1k events), model calls {r['model_call_s']} s, TaskManager peak "
+            f"({r['cpu_ms_per_1k_events']} ms per 1k events), model calls {r['model_call_s']} s, model operator CPU "
+            f"{r['model_thread_cpu_s']} s + sync clients {r['sync_client_cpu_s']} s "
+            f"({r['model_cpu_ms_per_1k_events']} ms per 1k events), TaskManager peak "
             f"RSS {r['taskmanager_peak_rss_mib']} MiB, sync {r['sync_bytes_per_s'] or 0:,.0f} B/s")
+
+
+def ratio(run: dict, one: dict, key: str) -> str:
+    """``run[key]`` against p = 1's, as "1.23×" ("–" where either lacks it: a report of an older sweep)."""
+    return f"{run[key] / one[key]:.2f}×" if run.get(key) and one.get(key) else "–"
 
 
 def markdown(report: dict) -> str:
@@ -145,11 +168,12 @@ def markdown(report: dict) -> str:
 
     >>> r = {"parallelism": 1, "HR@10": 0.1, "events_per_s": 1000.0, "cpu_ms_per_1k_events": 900.0,
     ...      "model_ms_per_1k_events": 400.0, "model_call_s": [40.0], "taskmanager_peak_rss_mib": [1500.0],
+    ...      "model_thread_cpu_s": [38.5], "sync_client_cpu_s": [0.0], "model_cpu_ms_per_1k_events": 385.0,
     ...      "sync_bytes_per_s": 0.0, "sync_lag_ms_mean": None, "sync_lag_ms_max": None, "projected_events_per_s": 1100.0,
     ...      "lists": 10, "processing_s": 100.0}
     >>> rep = {"dataset": "d", "events": 100000, "users": 1, "items": 1, "config": {"model": "bpr"}, "runs": {"1": r},
     ...        "machine": {"cpus": 2, "cpu_model": "x", "memory_gib": 24}}
-    >>> "| 1 | 0.1000 (1.00×) |" in markdown(rep)
+    >>> "| 1 | 0.1000 (1.00×) | 1,000 | 900 | 385 | 38.5 (0.0) | 40.0 |" in markdown(rep)
     True
     """
     m, c, runs = report["machine"], report["config"], report["runs"]
@@ -157,21 +181,29 @@ def markdown(report: dict) -> str:
     lines = [f"Parallelism sweep, dataset **{report['dataset']}** ({report['events']:,} events), model "
              f"{c['model']}, a standalone cluster of p TaskManagers of one slot each. Machine: {m['cpus']} CPUs "
              f"({m['cpu_model']}), {m['memory_gib']} GiB.", "",
-             "| p | HR@10 (vs p = 1) | events/s | CPU ms / 1k events (job) | model-call ms / 1k events (summed) | "
-             "model-call s per subtask | peak RSS MiB per TaskManager | sync B/s | sync lag mean / max ms | "
-             "projected events/s, a core per subtask |", "|" + "---|" * 10]
+             "| p | HR@10 (vs p = 1) | events/s | CPU ms / 1k events (job) | model-operator CPU ms / 1k events "
+             "(summed) | model-operator CPU s per subtask (sync clients) | model-call wall s per subtask | "
+             "peak RSS MiB per TaskManager | sync B/s | sync lag mean / max ms | projected events/s, a core per "
+             "subtask |", "|" + "---|" * 11]
     for p, r in runs.items():
         rel = f" ({r['HR@10'] / one['HR@10']:.2f}×)" if one and one["HR@10"] else ""
         lag = ("–" if r["sync_lag_ms_mean"] is None else f"{r['sync_lag_ms_mean']:,.0f} / {r['sync_lag_ms_max']:,.0f}")
+        operator = ", ".join(f"{m:.1f} ({c:.1f})" for m, c in zip(r.get("model_thread_cpu_s", []),
+                                                                    r.get("sync_client_cpu_s", [])))
         lines.append(f"| {p} | {r['HR@10']:.4f}{rel} | {r['events_per_s']:,.0f} | {r['cpu_ms_per_1k_events']:,.0f} | "
-                     f"{r['model_ms_per_1k_events']:,.0f} | {', '.join(f'{s:.1f}' for s in r['model_call_s'])} | "
+                     f"{r.get('model_cpu_ms_per_1k_events', 0):,.0f} | {operator or '–'} | "
+                     f"{', '.join(f'{s:.1f}' for s in r['model_call_s'])} | "
                      f"{', '.join(f'{s:,.0f}' for s in r['taskmanager_peak_rss_mib'])} | "
                      f"{r['sync_bytes_per_s'] or 0:,.0f} | {lag} | {r['projected_events_per_s'] or 0:,.0f} |")
     if one:
         lines += ["", "Against p = 1: " + "; ".join(
-            f"p = {p}: model-call ms per 1k events {r['model_ms_per_1k_events'] / one['model_ms_per_1k_events']:.2f}×, "
+            f"p = {p}: model-operator CPU per 1k events {ratio(r, one, 'model_cpu_ms_per_1k_events')}, "
+            f"model-call wall s per 1k events {ratio(r, one, 'model_ms_per_1k_events')}, "
             f"busiest subtask's model-call s {max(r['model_call_s']) / max(one['model_call_s']):.2f}× (1/p = {1 / int(p):.2f})"
             for p, r in runs.items() if p != "1" and one["model_ms_per_1k_events"] and max(one["model_call_s"]))]
-    lines += ["", "Projected: each TaskManager's CPU seconds as its wall time with a core of its own; the busiest "
+    lines += ["", "Model-operator CPU: its task thread's CPU seconds (the threads it starts included) and, in "
+              "brackets, its Kafka clients' (the sync topic's), from /proc; model-call wall s: the time inside its "
+              "calls, which includes waiting for a core when the machine has fewer cores than busy threads.",
+              "", "Projected: each TaskManager's CPU seconds as its wall time with a core of its own; the busiest "
               "bounds the run (an upper bound on events/s; the JobManager and broker on other cores)."]
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -30,6 +31,37 @@ def test_measure_spans_first_close_to_last_write_and_takes_latency_per_list():
     assert warm["latency_ms"] == paced["latency_ms"]
     assert [sl["lists"] for sl in warm["latency_over_time"]] == [3]       # 2,000 / 3,000 / 9,000 ms
     assert [sl["lists"] for sl in paced["latency_over_time"]] == [2]
+
+
+def test_thread_cpu_names_each_thread_and_counts_its_cpu_seconds():
+    """The sweep's model-operator CPU is the CPU of TaskManager threads found by name in /proc."""
+    import ctypes
+    import threading
+    import time
+    named, done = threading.Event(), threading.Event()
+
+    def busy():
+        ctypes.CDLL(None).prctl(15, b"freshet-busy", 0, 0, 0)     # PR_SET_NAME, as the JVM names its threads
+        named.set()
+        started = time.thread_time()
+        while time.thread_time() - started < 0.3:
+            pass
+        done.wait(10)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        assert named.wait(10)
+        time.sleep(0.5)
+        threads = bench.thread_cpu(os.getpid())
+        assert [cpu for name, cpu in threads.values() if name == "freshet-busy"][0] >= 0.25
+        monitor = bench.ProcessTreeMonitor(os.getpid(), threads=True)
+        monitor.sample()
+        assert monitor.cpu_of_threads("freshet-b", "nothing") >= 0.25 and monitor.cpu_of_threads("nothing") == 0
+        assert monitor.count_threads("freshet-b") == 1 and monitor.count_threads("nothing") == 0
+    finally:
+        done.set()
+        worker.join()
 
 
 def test_scaled_log_keeps_events_and_items_and_multiplies_users():
@@ -72,4 +104,9 @@ def test_parallelism_sweep_runs_the_job_at_p_1_and_2_on_one_slot_taskmanagers(ka
         assert len(r["model_call_s"]) == len(r["taskmanager_peak_rss_mib"]) == len(r["taskmanager_cpu_s"]) == p
         assert all(s > 0 for s in r["model_call_s"]) and all(m > 100 for m in r["taskmanager_peak_rss_mib"])
         assert 0 < r["HR@10"] < 1 and r["events_per_s"] > 0 and r["projected_events_per_s"] > 0
+        assert len(r["model_thread_cpu_s"]) == len(r["sync_client_cpu_s"]) == p
+        assert all(0 < m < t for m, t in zip(r["model_thread_cpu_s"], r["taskmanager_cpu_s"])), \
+            "the model operator's thread is found in each TaskManager and is part of its CPU"
     assert one["sync_bytes_per_s"] == 0 and two["sync_bytes_per_s"] > 0 and two["sync_lag_ms_max"] is not None
+    assert one["sync_client_threads"] == [0] and all(n >= 2 for n in two["sync_client_threads"]), \
+        "the replicas' sync clients are found by name (librdkafka's threads), and only at p > 1"
