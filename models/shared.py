@@ -86,8 +86,11 @@ class SharedDelta:
                 and not any(np.any(v) for v in self.dense.values()))
 
     def to_bytes(self) -> bytes:
-        """Named arrays in an ``.npz`` (no pickles), deflated at level 1, as the sync topic carries them."""
-        arrays = {"ids": np.asarray(self.ids, dtype=object).astype(str) if self.ids else np.zeros(0, "U1")}
+        """Named arrays in an ``.npz`` (no pickles), as the sync topic carries them: the ids as their UTF-8 bytes and
+        where each ends; not compressed here (the sync topic's producer compresses with lz4, in librdkafka's thread)."""
+        encoded = [i.encode() for i in self.ids]
+        arrays = {"ids.utf8": np.frombuffer(b"".join(encoded), np.uint8),
+                  "ids.ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
         for name, (at, values) in self.rows.items():
             arrays[f"rows.{name}.at"], arrays[f"rows.{name}.values"] = at, values
         for name, values in self.dense.items():
@@ -96,11 +99,11 @@ class SharedDelta:
             arrays[f"pairs.{name}.first"], arrays[f"pairs.{name}.second"] = first, second
             arrays[f"pairs.{name}.values"] = values
         buf = io.BytesIO()
+        # Deflated at level 1 until stop 27: zlib took 10 % of a p = 2 BPR replica's thread and its inflate 2.5 %
+        # (py-spy, ML-1M), a third of the sync's cost; ids as fixed-width unicode arrays (4 bytes a character) were
+        # most of what it saved.
         np.savez(buf, **arrays)
-        # Deflated, at level 1: a third of the plain size on ML-1M (the ids and positions compress well) in 8 ms
-        # (BPR) and 15 ms (sequence) per delta, where numpy's savez_compressed (level 6) took 20 and 60 ms for
-        # 8-10 % less, more than the BPR call's own learning (6 ms).
-        return zlib.compress(buf.getvalue(), 1)
+        return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SharedDelta":
@@ -110,9 +113,19 @@ class SharedDelta:
         ...                 {"T": (np.array([0]), np.array([1]), np.array([2.0], np.float32))})
         >>> e = SharedDelta.from_bytes(d.to_bytes()); e.ids, e.rows["E"][1].tolist(), e.pairs["T"][2].tolist(), e.empty
         (['a', 'b'], [[1.0, 1.0]], [2.0], False)
+        >>> SharedDelta.from_bytes(SharedDelta([], {}, {"theta": np.zeros(1)}).to_bytes()).ids
+        []
+        >>> SharedDelta.from_bytes(SharedDelta(["", "é\\nx", "z"], {}, {}).to_bytes()).ids
+        ['', 'é\\nx', 'z']
         """
-        with np.load(io.BytesIO(zlib.decompress(data)), allow_pickle=False) as z:
-            out = cls([str(i) for i in z["ids"]])
+        if not data.startswith(b"PK"):      # deflated: written by an earlier version's job (on the sync topic still)
+            data = zlib.decompress(data)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if "ids.utf8" in z.files:
+                text, ends = z["ids.utf8"].tobytes(), z["ids.ends"].tolist()
+                out = cls([text[a:b].decode() for a, b in zip([0] + ends, ends)])
+            else:
+                out = cls([str(i) for i in z["ids"]])
             for key in z.files:
                 part, _, rest = key.partition(".")
                 name, _, leaf = rest.rpartition(".") if part != "dense" else (rest, "", "")

@@ -302,7 +302,8 @@ class SyncSender:
     def __init__(self, cfg: Config, timeout_s: float = 60.0):
         self.topic, self.timeout_s, self.servers = cfg.kafka.sync_topic, timeout_s, cfg.kafka.bootstrap_servers
         self.producer = Producer({**cfg.kafka.client_properties(), "message.max.bytes": 64 << 20,
-                                  "enable.idempotence": True, "linger.ms": 0, "log_level": 3})
+                                  "enable.idempotence": True, "linger.ms": 0, "log_level": 3,
+                                  "compression.type": "lz4"})     # the deltas are not compressed (SharedDelta)
 
     def send(self, key: str, value: str) -> None:
         report = DeliveryReport()
