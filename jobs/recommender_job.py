@@ -51,6 +51,7 @@ def flink_configuration(cfg: Config) -> Configuration:
         conf.set_string("execution.checkpointing.interval", f"{cfg.flink.checkpoint_interval_ms} ms")
         conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("table.exec.source.idle-timeout", f"{cfg.window.idleness_ms} ms")
+    conf.set_string("pipeline.auto-watermark-interval", f"{cfg.flink.watermark_interval_ms} ms")
     conf.set_string("restart-strategy.type", "fixed-delay")
     conf.set_string("restart-strategy.fixed-delay.attempts", str(cfg.flink.restart_attempts))
     conf.set_string("restart-strategy.fixed-delay.delay", f"{cfg.flink.restart_delay_ms} ms")

@@ -172,3 +172,11 @@ def test_shard_keys_put_one_shard_on_each_subtask_and_do_not_move():
             rows.append(row)
         assert [assign(row, 128, p) for row in rows] == list(range(p))
     assert shard_keys(1, 128) == [0] and shard_keys(2, 128) == [0, 2] and shard_keys(4, 128) == [4, 0, 8, 2]
+
+
+def test_the_watermark_interval_setting_reaches_flink(cfg):
+    """``flink.watermark_interval_ms`` is Flink's ``pipeline.auto-watermark-interval`` (its default, 200 ms, unless set)."""
+    from freshet.jobs import recommender_job
+    assert recommender_job.flink_configuration(cfg).get_string("pipeline.auto-watermark-interval", "") == "200 ms"
+    slower = cfg.replace(flink={"watermark_interval_ms": 1000})
+    assert recommender_job.flink_configuration(slower).get_string("pipeline.auto-watermark-interval", "") == "1000 ms"
