@@ -130,11 +130,14 @@ def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 
     pytest.fail("no progress before the fault")
 
 
-def check_recovered_run(result, reference, df, window_ms, rel=0.02):
+def check_recovered_run(result, reference, df, window_ms, rel=0.02, rel_above=None):
+    """One list per (user, window), no dead letter, and HR@10 within ``rel`` of the reference's (below it; above it
+    within ``rel_above`` where given)."""
     assert_one_list_per_user_window([(r["user_id"], r["window_end"]) for r in result["recs"]],
                                     {(u, t - t % window_ms + window_ms) for u, t in zip(df["user_id"], df["ts"])})
     assert result["dead"] == [], "every ML-100K record is valid: none may be dead-lettered"
-    assert result["hr"] == pytest.approx(reference["hr"], rel=rel), (result["hr"], reference["hr"])
+    low, high = reference["hr"] * (1 - rel), reference["hr"] * (1 + (rel if rel_above is None else rel_above))
+    assert low <= result["hr"] <= high, (result["hr"], reference["hr"], (round(low, 4), round(high, 4)))
 
 
 def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_df):
