@@ -61,7 +61,7 @@ SYSTEMS = {
 
 class ProcessTreeMonitor(threading.Thread):
     """Samples a process and all its descendants: peak of the summed RSS, CPU seconds per process; with
-    ``threads``, also the CPU seconds of each thread of the root process, by thread name (``cpu_of_threads``)."""
+    ``threads``, also the CPU seconds of each thread of the root process, by thread name (``threads_named``)."""
 
     def __init__(self, pid: int, every_s: float = 0.2, threads: bool = False):
         super().__init__(daemon=True)
@@ -93,14 +93,10 @@ class ProcessTreeMonitor(threading.Thread):
             for tid, (name, cpu) in thread_cpu(self.root.pid).items():
                 self.threads[tid] = (name, max(cpu, self.threads.get(tid, ("", 0.0))[1]))
 
-    def cpu_of_threads(self, *prefixes: str) -> float:
-        """CPU seconds of the root's threads whose name starts with one of ``prefixes``, up to the last sample
-        (a thread that ended loses what it used after the last sample it was seen in)."""
-        return sum(cpu for name, cpu in (self.threads or {}).values() if name.startswith(prefixes))
-
-    def count_threads(self, *prefixes: str) -> int:
-        """How many of the root's threads seen so far have a name that starts with one of ``prefixes``."""
-        return sum(name.startswith(prefixes) for name, _ in (self.threads or {}).values())
+    def threads_named(self, *prefixes: str) -> list[float]:
+        """CPU seconds of each of the root's threads seen so far whose name starts with one of ``prefixes``, up to
+        the last sample (a thread that ended loses what it used after the last sample it was seen in)."""
+        return [cpu for name, cpu in (self.threads or {}).values() if name.startswith(prefixes)]
 
     def run(self) -> None:
         while not self._halt.wait(self.every_s):

@@ -76,7 +76,7 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
             m.stop()
         if state != "FINISHED":
             raise RuntimeError(f"p = {p}: job {job} ended {state}; see {cluster.dir / 'logs'}")
-        if not any(monitors[pid].cpu_of_threads(MODEL_THREAD) for pid in taskmanagers):
+        if not any(monitors[pid].threads_named(MODEL_THREAD) for pid in taskmanagers):
             raise RuntimeError(f"p = {p}: no TaskManager thread named {MODEL_THREAD}*: the model operator's CPU "
                                "cannot be measured (was its task renamed?)")
     finally:
@@ -94,8 +94,9 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         raise RuntimeError(f"p = {p}: {len(ends)} end-of-input metrics records, expected one per subtask")
     lags = [m for m in metrics if m.get("sync_lag_ms_mean") is not None]
     model_s = [m["model_call_seconds"] for m in ends]
-    model_cpu = [round(monitors[pid].cpu_of_threads(MODEL_THREAD), 1) for pid in taskmanagers]
-    sync_cpu = [round(monitors[pid].cpu_of_threads(SYNC_CLIENT_THREADS), 2) for pid in taskmanagers]
+    model_cpu = [round(sum(monitors[pid].threads_named(MODEL_THREAD)), 1) for pid in taskmanagers]
+    sync_threads = [monitors[pid].threads_named(SYNC_CLIENT_THREADS) for pid in taskmanagers]
+    sync_cpu = [round(sum(cpus), 2) for cpus in sync_threads]
     stream = zip(df["user_id"], df["item_id"], df["ts"])
     out.update({
         "parallelism": p, "job": job,
@@ -105,7 +106,7 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         "model_call_s": model_s, "model_calls": [m["model_calls"] for m in ends],
         "model_ms_per_1k_events": round(sum(model_s) / len(df) * 1e6, 1),
         "model_thread_cpu_s": model_cpu, "sync_client_cpu_s": sync_cpu,
-        "sync_client_threads": [monitors[pid].count_threads(SYNC_CLIENT_THREADS) for pid in taskmanagers],
+        "sync_client_threads": [len(cpus) for cpus in sync_threads],
         "model_cpu_ms_per_1k_events": round((sum(model_cpu) + sum(sync_cpu)) / len(df) * 1e6, 1),
         "sync_bytes_per_s": round(sum(m.get("sync_bytes_sent", 0) for m in ends) / out["processing_s"], 1)
         if out["processing_s"] else None,

@@ -57,8 +57,8 @@ def test_thread_cpu_names_each_thread_and_counts_its_cpu_seconds():
         assert [cpu for name, cpu in threads.values() if name == "freshet-busy"][0] >= 0.25
         monitor = bench.ProcessTreeMonitor(os.getpid(), threads=True)
         monitor.sample()
-        assert monitor.cpu_of_threads("freshet-b", "nothing") >= 0.25 and monitor.cpu_of_threads("nothing") == 0
-        assert monitor.count_threads("freshet-b") == 1 and monitor.count_threads("nothing") == 0
+        assert sum(monitor.threads_named("freshet-b", "nothing")) >= 0.25 and sum(monitor.threads_named("nothing")) == 0
+        assert len(monitor.threads_named("freshet-b")) == 1 and len(monitor.threads_named("nothing")) == 0
     finally:
         done.set()
         worker.join()

@@ -357,14 +357,11 @@ class RecommendOnline(KeyedProcessFunction):
             shard.live.remember(by_window.get(window_end, []))
 
     def _metrics_due(self, shard: Shard, watermark: int) -> bool:
-        now = time.monotonic()
+        """Whether the shard reports now (``_metrics_row`` notes when it did)."""
         if watermark >= END_OF_INPUT:      # end of a bounded input: every pending timer fires; report once
             done, shard.end_reported = shard.end_reported, True
             return not done
-        if now - shard.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000:
-            shard.last_metrics = now
-            return True
-        return False
+        return time.monotonic() - shard.last_metrics >= self.cfg.flink.metrics_interval_ms / 1000
 
     def _report_later(self, shard: Shard, ctx) -> None:
         """A shard with news that is not due for a report yet gets a processing-time timer at its next report's
