@@ -219,6 +219,7 @@ class FlinkConfig:
     model_snapshot_interval_ms: int = 30000   # processing time between model snapshots in Flink state
     metrics_interval_ms: int = 10000          # processing time between live-metrics records
     watermark_interval_ms: int = 200          # how often the sources emit a watermark (pipeline.auto-watermark-interval)
+    model_call_interval_ms: int = 0           # a subtask's rounds of model calls start at most this often (0: per watermark)
     restart_attempts: int = 10
     restart_delay_ms: int = 3000
     local_heap_mb: int = 1024                 # JVM heap of the local runtime (`freshet run`); 0: the JVM's default
@@ -237,6 +238,7 @@ class FlinkConfig:
         _require(self.model_snapshot_interval_ms >= 0, "flink.model_snapshot_interval_ms must be >= 0 (0: every call)")
         _require(self.metrics_interval_ms >= 0, "flink.metrics_interval_ms must be >= 0")
         _require(self.watermark_interval_ms >= 1, "flink.watermark_interval_ms must be >= 1 (windows close on watermarks)")
+        _require(self.model_call_interval_ms >= 0, "flink.model_call_interval_ms must be >= 0 (0: a call per watermark)")
         _require(self.local_heap_mb == 0 or self.local_heap_mb >= 256,
                  "flink.local_heap_mb must be 0 (the JVM's default) or at least 256")
         _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,

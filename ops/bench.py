@@ -25,7 +25,6 @@ round-robin to N pseudo-users; same events, same items), to show how cost per ev
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import pandas as pd
 from freshet.conf.settings import Config, dump_config
 from freshet.jobs.tables import CLOSED_AT_HEADER
 from freshet.ops import kafka_io, replay, vendor
+from freshet.ops.processes import thread_cpu
 
 LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 
@@ -109,23 +109,6 @@ class ProcessTreeMonitor(threading.Thread):
     @property
     def cpu_seconds(self) -> float:
         return sum(self.cpu.values())
-
-
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """Each thread of process ``pid``: thread id -> (its name as the kernel has it, at most 15 characters; CPU
-    seconds, user and system), from ``/proc/<pid>/task/*/stat``. A JVM gives its threads' names to the kernel
-    (Flink's task threads: the task's name, e.g. ``recommend-onlin``); threads a native library starts take
-    their creator's name unless they name themselves (librdkafka's: ``rdk:...``)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:            # the thread ended
-            continue
-        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-        out[int(stat.parent.name)] = (name, (int(rest[11]) + int(rest[12])) / tick)
-    return out
 
 
 def percentile(values, q: float) -> float | None:

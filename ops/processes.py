@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -141,3 +142,31 @@ def stop_pid_file(pid_file: Path, timeout: float = 20.0) -> bool:
         if wait_gone([pid], wait):
             return True
     return True
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of process ``pid``: thread id -> (its name as the kernel has it, at most 15 characters; CPU
+    seconds, user and system), from ``/proc/<pid>/task/*/stat``. A JVM gives its threads' names to the kernel
+    (Flink's task threads: the task's name, e.g. ``recommend-onlin``); threads a native library starts take
+    their creator's name unless they name themselves (librdkafka's: ``rdk:...``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:            # the thread ended
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        out[int(stat.parent.name)] = (name, (int(rest[11]) + int(rest[12])) / tick)
+    return out
+
+
+def own_thread_group_cpu() -> float | None:
+    """CPU seconds of this process's threads that share the calling thread's kernel name (itself, and the threads it
+    started that did not name themselves: TensorFlow's pools started from a Flink task thread), or None off Linux."""
+    try:
+        name = Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+    except OSError:
+        return None
+    return sum(cpu for thread, cpu in thread_cpu(os.getpid()).values() if thread == name)
+

@@ -97,6 +97,11 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
     model_cpu = [round(sum(monitors[pid].threads_named(MODEL_THREAD)), 1) for pid in taskmanagers]
     sync_threads = [monitors[pid].threads_named(SYNC_CLIENT_THREADS) for pid in taskmanagers]
     sync_cpu = [round(sum(cpus), 2) for cpus in sync_threads]
+    # The operator's own account of its threads' CPU (per shard, one a subtask): what being ready cost it (TensorFlow's
+    # import, the model's compile: fixed per subtask) and what it used after, on the events.
+    startup = [m.get("startup_cpu_s") for m in ends]
+    steady = [None if m.get("cpu_s") is None or m.get("startup_cpu_s") is None
+              else round(m["cpu_s"] - m["startup_cpu_s"], 1) for m in ends]
     stream = zip(df["user_id"], df["item_id"], df["ts"])
     out.update({
         "parallelism": p, "job": job,
@@ -108,6 +113,9 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         "model_thread_cpu_s": model_cpu, "sync_client_cpu_s": sync_cpu,
         "sync_client_threads": [len(cpus) for cpus in sync_threads],
         "model_cpu_ms_per_1k_events": round((sum(model_cpu) + sum(sync_cpu)) / len(df) * 1e6, 1),
+        "model_startup_cpu_s": startup, "model_cpu_after_startup_s": steady,
+        "model_cpu_ms_per_1k_events_after_startup": round((sum(steady) + sum(sync_cpu)) / len(df) * 1e6, 1)
+        if None not in steady else None,
         "sync_bytes_per_s": round(sum(m.get("sync_bytes_sent", 0) for m in ends) / out["processing_s"], 1)
         if out["processing_s"] else None,
         "sync_lag_ms_mean": round(sum(m["sync_lag_ms_mean"] for m in lags) / len(lags), 1) if lags else None,
@@ -164,6 +172,12 @@ def ratio(run: dict, one: dict, key: str) -> str:
     return f"{run[key] / one[key]:.2f}×" if run.get(key) and one.get(key) else "–"
 
 
+def busiest(run: dict, one: dict, key: str) -> str:
+    """The largest of ``run[key]`` (one value a subtask) against p = 1's, as "0.55×" ("–" where either lacks it)."""
+    ok = [v for v in run.get(key) or [] if v is not None], [v for v in one.get(key) or [] if v is not None]
+    return f"{max(ok[0]) / max(ok[1]):.2f}×" if all(ok) and max(ok[1]) else "–"
+
+
 def markdown(report: dict) -> str:
     """The sweep's table, each p against p = 1 where it ran.
 
@@ -174,7 +188,10 @@ def markdown(report: dict) -> str:
     ...      "lists": 10, "processing_s": 100.0}
     >>> rep = {"dataset": "d", "events": 100000, "users": 1, "items": 1, "config": {"model": "bpr"}, "runs": {"1": r},
     ...        "machine": {"cpus": 2, "cpu_model": "x", "memory_gib": 24}}
-    >>> "| 1 | 0.1000 (1.00×) | 1,000 | 900 | 385 | 38.5 (0.0) | 40.0 |" in markdown(rep)
+    >>> "| 1 | 0.1000 (1.00×) | 1,000 | 900 | 385 | – | 38.5 (0.0) | 40.0 |" in markdown(rep)
+    True
+    >>> r.update(model_cpu_ms_per_1k_events_after_startup=305.0, model_startup_cpu_s=[8.0])
+    >>> "| 385 | 305 (8.0) | 38.5 (0.0) |" in markdown(rep)
     True
     """
     m, c, runs = report["machine"], report["config"], report["runs"]
@@ -183,27 +200,35 @@ def markdown(report: dict) -> str:
              f"{c['model']}, a standalone cluster of p TaskManagers of one slot each. Machine: {m['cpus']} CPUs "
              f"({m['cpu_model']}), {m['memory_gib']} GiB.", "",
              "| p | HR@10 (vs p = 1) | events/s | CPU ms / 1k events (job) | model-operator CPU ms / 1k events "
-             "(summed) | model-operator CPU s per subtask (sync clients) | model-call wall s per subtask | "
+             "(summed) | ... after start-up (start-up CPU s per subtask) | model-operator CPU s per subtask (sync clients) | "
+             "model-call wall s per subtask | "
              "peak RSS MiB per TaskManager | sync B/s | sync lag mean / max ms | projected events/s, a core per "
-             "subtask |", "|" + "---|" * 11]
+             "subtask |", "|" + "---|" * 12]
     for p, r in runs.items():
         rel = f" ({r['HR@10'] / one['HR@10']:.2f}×)" if one and one["HR@10"] else ""
         lag = ("–" if r["sync_lag_ms_mean"] is None else f"{r['sync_lag_ms_mean']:,.0f} / {r['sync_lag_ms_max']:,.0f}")
         operator = ", ".join(f"{m:.1f} ({c:.1f})" for m, c in zip(r.get("model_thread_cpu_s", []),
                                                                     r.get("sync_client_cpu_s", [])))
+        startup = ", ".join(f"{s:.1f}" for s in r.get("model_startup_cpu_s") or [] if s is not None)
+        after = (f"{r['model_cpu_ms_per_1k_events_after_startup']:,.0f} ({startup})"
+                 if r.get("model_cpu_ms_per_1k_events_after_startup") else "–")
         lines.append(f"| {p} | {r['HR@10']:.4f}{rel} | {r['events_per_s']:,.0f} | {r['cpu_ms_per_1k_events']:,.0f} | "
-                     f"{r.get('model_cpu_ms_per_1k_events', 0):,.0f} | {operator or '–'} | "
+                     f"{r.get('model_cpu_ms_per_1k_events', 0):,.0f} | {after} | {operator or '–'} | "
                      f"{', '.join(f'{s:.1f}' for s in r['model_call_s'])} | "
                      f"{', '.join(f'{s:,.0f}' for s in r['taskmanager_peak_rss_mib'])} | "
                      f"{r['sync_bytes_per_s'] or 0:,.0f} | {lag} | {r['projected_events_per_s'] or 0:,.0f} |")
     if one:
         lines += ["", "Against p = 1: " + "; ".join(
-            f"p = {p}: model-operator CPU per 1k events {ratio(r, one, 'model_cpu_ms_per_1k_events')}, "
+            f"p = {p}: model-operator CPU per 1k events {ratio(r, one, 'model_cpu_ms_per_1k_events')} "
+            f"(after start-up {ratio(r, one, 'model_cpu_ms_per_1k_events_after_startup')}; busiest subtask's "
+            f"{busiest(r, one, 'model_cpu_after_startup_s')}), "
             f"model-call wall s per 1k events {ratio(r, one, 'model_ms_per_1k_events')}, "
             f"busiest subtask's model-call s {max(r['model_call_s']) / max(one['model_call_s']):.2f}× (1/p = {1 / int(p):.2f})"
             for p, r in runs.items() if p != "1" and one["model_ms_per_1k_events"] and max(one["model_call_s"]))]
     lines += ["", "Model-operator CPU: its task thread's CPU seconds (the threads it starts included) and, in "
-              "brackets, its Kafka clients' (the sync topic's), from /proc; model-call wall s: the time inside its "
+              "brackets, its Kafka clients' (the sync topic's), from /proc; after start-up: less what its threads had "
+              "used when it was ready for its first window (TensorFlow's import, the model's build and compile: fixed "
+              "per subtask, as each operator reports it on the metrics topic); model-call wall s: the time inside its "
               "calls, which includes waiting for a core when the machine has fewer cores than busy threads.",
               "", "Projected: each TaskManager's CPU seconds as its wall time with a core of its own; the busiest "
               "bounds the run (an upper bound on events/s; the JobManager and broker on other cores)."]

@@ -38,7 +38,8 @@ def test_thread_cpu_names_each_thread_and_counts_its_cpu_seconds():
     import ctypes
     import threading
     import time
-    named, done = threading.Event(), threading.Event()
+    from freshet.ops import processes
+    named, done, burnt, group = threading.Event(), threading.Event(), threading.Event(), []
 
     def busy():
         ctypes.CDLL(None).prctl(15, b"freshet-busy", 0, 0, 0)     # PR_SET_NAME, as the JVM names its threads
@@ -46,19 +47,33 @@ def test_thread_cpu_names_each_thread_and_counts_its_cpu_seconds():
         started = time.thread_time()
         while time.thread_time() - started < 0.3:
             pass
+        child = threading.Thread(target=burn)       # takes its creator's kernel name, as TensorFlow's pools do
+        child.start()
+        burnt.wait(10)
+        group.append(processes.own_thread_group_cpu())
         done.wait(10)
+        child.join()
+
+    def burn():
+        started = time.thread_time()
+        while time.thread_time() - started < 0.2:
+            pass
+        burnt.set()
+        done.wait(10)       # a live thread: an ended one's CPU leaves /proc with it
 
     worker = threading.Thread(target=busy)
     worker.start()
     try:
-        assert named.wait(10)
-        time.sleep(0.5)
+        assert named.wait(10) and burnt.wait(10)
+        time.sleep(0.2)
         threads = bench.thread_cpu(os.getpid())
         assert [cpu for name, cpu in threads.values() if name == "freshet-busy"][0] >= 0.25
         monitor = bench.ProcessTreeMonitor(os.getpid(), threads=True)
         monitor.sample()
-        assert sum(monitor.threads_named("freshet-b", "nothing")) >= 0.25 and sum(monitor.threads_named("nothing")) == 0
-        assert len(monitor.threads_named("freshet-b")) == 1 and len(monitor.threads_named("nothing")) == 0
+        assert sum(monitor.threads_named("freshet-b", "nothing")) >= 0.45 and sum(monitor.threads_named("nothing")) == 0
+        assert group[0] >= 0.45, "the operator's own account: its thread and the ones it started"
+        assert group[0] <= sum(monitor.threads_named("freshet-b")) + 0.05, "only its group's: not this (main) thread's"
+        assert len(monitor.threads_named("freshet-b")) == 2 and len(monitor.threads_named("nothing")) == 0
     finally:
         done.set()
         worker.join()
@@ -107,6 +122,10 @@ def test_parallelism_sweep_runs_the_job_at_p_1_and_2_on_one_slot_taskmanagers(ka
         assert len(r["model_thread_cpu_s"]) == len(r["sync_client_cpu_s"]) == p
         assert all(0 < m < t for m, t in zip(r["model_thread_cpu_s"], r["taskmanager_cpu_s"])), \
             "the model operator's thread is found in each TaskManager and is part of its CPU"
+        assert len(r["model_startup_cpu_s"]) == p and all(s > 1 for s in r["model_startup_cpu_s"]), \
+            "each operator reports what its start (TensorFlow's import, the compile) cost its threads"
+        assert all(0 < s < m + 1 for s, m in zip(sorted(r["model_cpu_after_startup_s"]), sorted(r["model_thread_cpu_s"])))
+        assert 0 < r["model_cpu_ms_per_1k_events_after_startup"] < r["model_cpu_ms_per_1k_events"]
     assert one["sync_bytes_per_s"] == 0 and two["sync_bytes_per_s"] > 0 and two["sync_lag_ms_max"] is not None
     assert one["sync_client_threads"] == [0] and all(n >= 2 for n in two["sync_client_threads"]), \
         "the replicas' sync clients are found by name (librdkafka's threads), and only at p > 1"

@@ -187,6 +187,41 @@ def test_a_shard_whose_timers_stop_before_its_metrics_are_due_still_reports_its_
     assert fire(129999) == [] and len(ctx.timers.processing) == 1, "nothing new since the report: no timer"
 
 
+def test_windows_closed_within_the_call_interval_wait_for_one_later_call_and_none_is_lost(cfg):
+    """``flink.model_call_interval_ms``: in a replay the watermark closes windows every 200 ms and an operator that
+    keeps up paid a call's fixed cost at each. Windows closed within the interval after a call wait for one
+    processing-time timer, which calls them together with those closed meanwhile; the end of input never waits;
+    a timer restored with the state (its purpose unknown) calls what waits, or arms a timer for it."""
+    job_cfg = cfg.replace(model={"kind": "echo"},
+                          flink={"model_call_interval_ms": 1000, "model_snapshot_interval_ms": 3_600_000})
+    rc, ctx = FakeRuntimeContext(), FakeContext()
+    fn = RecommendOnline(job_cfg)
+    fn.open(rc)
+
+    def step(end, now_ms, domain=TimeDomain.EVENT_TIME, timestamp=None, watermark=None):
+        """A window row (end None: none), then the timer; the windows listed."""
+        if end is not None:
+            list(fn.process_element(window_row(end, [[f"u{end}", "a", 1.0, 1]]), ctx))
+        ctx.timers.now_ms, ctx.timers.watermark, ctx.domain = now_ms, watermark or end, domain
+        return sorted({json.loads(r[2])["window_end"] for r in fn.on_timer(timestamp or end - 1, ctx) if r[0] == "rec"})
+
+    assert step(60000, 1_000_000) == [60000], "the first call goes at once"
+    assert step(120000, 1_000_200) == [] and step(180000, 1_000_400) == [], "within the interval: they wait"
+    assert ctx.timers.processing.count(1_001_000) == 1, "one timer, at the round's end"
+    assert step(None, 1_001_000, TimeDomain.PROCESSING_TIME, 1_001_000, 180000) == [120000, 180000]
+    assert rc.metrics.counters["model_calls"].get_count() == 2
+
+    assert step(240000, 1_001_100) == [], "a new round began at 1_001_000"
+    restored, ctx = RecommendOnline(job_cfg), FakeContext()     # same state: as after a restore (watermark unknown)
+    restored.open(rc)
+    fn, rc.metrics = restored, FakeMetrics()
+    assert step(None, 1_002_000, TimeDomain.PROCESSING_TIME, 1_002_000, -2 ** 63) == []
+    assert ctx.timers.timers == [239999], "the restored timer arms one for the waiting window"
+    assert step(None, 1_002_010, timestamp=239999, watermark=240000) == [240000]
+    assert step(300000, 1_002_020) == [], "within the interval"
+    assert step(360000, 1_002_030, watermark=END_OF_INPUT) == [300000, 360000], "the end of input never waits"
+
+
 def test_a_window_row_behind_the_watermark_is_listed_when_it_arrives(cfg):
     """At parallelism > 1 the watermark can pass a window on one input channel while the channel that brings the
     window's row is idle (the end of input reaching the subtasks one at a time, after the sources went idle).

@@ -36,6 +36,7 @@ from freshet.models.evaluation import LiveHitRate
 from freshet.models.increments import Increment, WindowBuffer
 from freshet.models.shared import (SYNCED_KINDS, ReplicaState, SeedParts, SharedDelta, SyncInbox, is_seed,
                                    seed_records)
+from freshet.ops.processes import own_thread_group_cpu
 
 # What enters it: (kind, model shard, window_end, window closed at, body). kind "win": a window of the shard,
 # body its (user, item, weight, events) quads as JSON; "dlq": a dead letter found in the JVM, body its JSON.
@@ -124,7 +125,9 @@ class Shard:
         self.last_snapshot = self.last_metrics = time.monotonic()
         self.end_reported = False
         self.reported: tuple = ()         # report_state() at its last live-metrics record
-        self.metrics_timer = False        # a processing-time timer will report it (see _report_later)
+        self.metrics_timer: int | None = None   # the processing time at which a timer will report it (_report_later)
+        self.call_timer: int | None = None      # ... at which a timer will make its deferred call (_defer)
+        self.called_at = 0                      # the processing time of its last call (_defer)
         self.live = LiveHitRate(k)
         self.logged_calls = 0             # calls in the flush log (since the last snapshot)
         self.sync: ReplicaState | None = None       # parallelism > 1: this replica's place in the exchange
@@ -157,10 +160,14 @@ class RecommendOnline(KeyedProcessFunction):
 
     def open(self, runtime_context):
         self.shards: dict[int, Shard] = {}   # loaded lazily: keyed state can only be read with a current key
+        self.round_at = 0                    # the processing time at which this subtask's last round of calls began
         # A fresh model, compiled for its first call now, while the JVM starts reading: used by the first shard
         # unless a checkpoint holds one (TensorFlow's import and the XLA compile took ~10 s after the first window).
         self.fresh = build_model(self.cfg)
         self.fresh.warm_up(self.cfg.model.k)
+        # What being ready cost the operator's threads (Flink's set-up, TensorFlow's import, the build and compile):
+        # a fixed cost per subtask, reported so that a benchmark can tell it from the per-event cost.
+        self.startup_cpu_s = own_thread_group_cpu()
         # A list of at most one snapshot, base64 text: PyFlink's embedded (thread) mode can neither read an
         # unset ValueState nor hand Python bytes to a byte[] state.
         self.model_state = runtime_context.get_list_state(ListStateDescriptor("model", Types.STRING()))
@@ -264,18 +271,65 @@ class RecommendOnline(KeyedProcessFunction):
 
     def on_timer(self, timestamp, ctx):
         shard = self._shard(ctx.get_current_key())
-        if ctx.time_domain() == TimeDomain.PROCESSING_TIME:        # _report_later's: live metrics only
-            shard.metrics_timer = False
-            if shard.report_state() != shard.reported:
-                yield self._metrics_row(shard, ctx.timer_service().current_watermark())
+        if ctx.time_domain() == TimeDomain.PROCESSING_TIME:
+            yield from self._on_processing_timer(shard, ctx, timestamp)
             return
         if shard.armed is not None and shard.armed <= timestamp:
             shard.armed = None   # fired (timers fire in timestamp order)
         yield from self._fire(shard, ctx, timestamp)
 
+    def _on_processing_timer(self, shard: Shard, ctx, timestamp: int):
+        """A deferred call's turn (:meth:`_defer`), a report's (:meth:`_report_later`), or both (Flink keeps one timer
+        per time). A timer restored with a checkpoint's state is either: its shard's windows that the watermark has
+        passed are called (or a timer armed for them), then it reports if it has news."""
+        if shard.metrics_timer is not None and timestamp >= shard.metrics_timer:
+            shard.metrics_timer = None
+        if shard.call_timer is None or timestamp >= shard.call_timer:
+            shard.call_timer = None
+            watermark = ctx.timer_service().current_watermark()
+            if self._closable(shard, watermark):
+                yield from self._fire(shard, ctx, watermark)   # reports, or has a report timer set
+                return
+            if shard.armed is None:
+                self._arm(shard, ctx)
+        if shard.metrics_timer is None and shard.report_state() != shard.reported:
+            yield self._metrics_row(shard, ctx.timer_service().current_watermark())
+
+    @staticmethod
+    def _closable(shard: Shard, watermark: int) -> bool:
+        end = shard.buffer.next_end()
+        return end is not None and end - 1 <= watermark
+
+    def _defer(self, shard: Shard, ctx, watermark: int) -> bool:
+        """Whether windows that the watermark has closed wait: ``flink.model_call_interval_ms`` after this subtask's
+        last round of calls began, a processing-time timer calls them together with those closed meanwhile.
+
+        In a replay the watermark moves every ``flink.watermark_interval_ms``, and an operator that keeps up makes a
+        call at each move; a call has a fixed cost (~10 ms: the XLA program's dispatch, padded blocks, Python), so a
+        replica with 1/p of the users made 3x the calls of the lone model and cost as much. With live traffic a
+        window closes once a minute and no call waits. Rounds are per subtask, not per shard, so that shards that
+        meet on one subtask (a resume at a lower parallelism) call together and do not wait for each other's
+        progress (``flink.replica_sync_wait_ms``) in turn. The end of input (or a drain) never waits."""
+        interval = self.cfg.flink.model_call_interval_ms
+        if not interval or watermark >= END_OF_INPUT:
+            return False
+        now = ctx.timer_service().current_processing_time()
+        if now >= self.round_at + interval:
+            self.round_at = now             # a new round of calls
+        if shard.called_at < self.round_at:
+            shard.called_at = now           # its call in this round
+            return False
+        if shard.call_timer is None:
+            shard.call_timer = self.round_at + interval
+            ctx.timer_service().register_processing_time_timer(shard.call_timer)
+        return True
+
     def _fire(self, shard: Shard, ctx, timestamp: int):
-        """Learn and list every window that ``timestamp`` or the watermark has passed, then arm the next timer."""
+        """Learn and list every window that ``timestamp`` or the watermark has passed (unless they wait for the
+        subtask's next round of calls), then arm the next timer."""
         watermark = ctx.timer_service().current_watermark()
+        if self._closable(shard, max(timestamp, watermark)) and self._defer(shard, ctx, watermark):
+            return
         closed = self._close(shard, max(timestamp, watermark))
         shard.watermark = watermark
         for part in self._calls(shard, closed):   # none when another timer for the same windows already flushed them
@@ -368,12 +422,11 @@ class RecommendOnline(KeyedProcessFunction):
         time. Without it a shard whose event-time timers stop (its input caught up, or ended without a drain)
         never reported its last calls: a restored replica that caught up within ``flink.metrics_interval_ms``
         of its restart left no record of its new life at all (a CI failure of the p = 2 kill -9 test)."""
-        if shard.metrics_timer or shard.end_reported or shard.report_state() == shard.reported:
+        if shard.metrics_timer is not None or shard.end_reported or shard.report_state() == shard.reported:
             return
         wait_s = self.cfg.flink.metrics_interval_ms / 1000 - (time.monotonic() - shard.last_metrics)
-        ctx.timer_service().register_processing_time_timer(
-            ctx.timer_service().current_processing_time() + max(int(wait_s * 1000), 1))
-        shard.metrics_timer = True
+        shard.metrics_timer = ctx.timer_service().current_processing_time() + max(int(wait_s * 1000), 1)
+        ctx.timer_service().register_processing_time_timer(shard.metrics_timer)
 
     def _metrics_row(self, shard: Shard, watermark: int) -> Row:
         """The shard's live-metrics record, as the operator emits it."""
@@ -392,7 +445,18 @@ class RecommendOnline(KeyedProcessFunction):
                 "model_call_seconds": round(shard.model_call_seconds, 2),
                 "model_version": model.version, "users": model.n_users, "items": model.n_items,
                 "restored_windows": shard.restored_windows, "restored_model_version": shard.restored_version,
-                "shards_on_subtask": len(self.shards)}     # > 1: Flink put several shards on this subtask
+                "shards_on_subtask": len(self.shards),     # > 1: Flink put several shards on this subtask
+                **_cpu_fields(self.startup_cpu_s, own_thread_group_cpu())}
+
+
+def _cpu_fields(startup_s: float | None, now_s: float | None) -> dict:
+    """The operator's CPU (its threads') when it was ready and now, for a metrics record (None off Linux).
+
+    >>> _cpu_fields(8.123, 20.0)
+    {'startup_cpu_s': 8.12, 'cpu_s': 20.0}
+    """
+    return {"startup_cpu_s": None if startup_s is None else round(startup_s, 2),
+            "cpu_s": None if now_s is None else round(now_s, 2)}
 
 
 def subtask_index(runtime_context) -> int:
