@@ -309,7 +309,8 @@ class RecommendOnline(KeyedProcessFunction):
         replica with 1/p of the users made 3x the calls of the lone model and cost as much. With live traffic a
         window closes once a minute and no call waits. Rounds are per subtask, not per shard, so that shards that
         meet on one subtask (a resume at a lower parallelism) call together and do not wait for each other's
-        progress (``flink.replica_sync_wait_ms``) in turn. The end of input (or a drain) never waits."""
+        progress (``flink.replica_sync_wait_ms``) in turn. The end of input (or a drain) never waits: waiting
+        windows are called by a timer at its watermark."""
         interval = self.cfg.flink.model_call_interval_ms
         if not interval or watermark >= END_OF_INPUT:
             return False
@@ -322,6 +323,10 @@ class RecommendOnline(KeyedProcessFunction):
         if shard.call_timer is None:
             shard.call_timer = self.round_at + interval
             ctx.timer_service().register_processing_time_timer(shard.call_timer)
+            # And one that only the end of input (or a drain) fires: a bounded job ends without firing processing-time
+            # timers, and the waiting windows have no event-time timer left (theirs fired). (One per time: Flink
+            # keeps a single timer per key and timestamp.)
+            ctx.timer_service().register_event_time_timer(END_OF_INPUT - 1)
         return True
 
     def _fire(self, shard: Shard, ctx, timestamp: int):
