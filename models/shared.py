@@ -404,10 +404,6 @@ class SyncInbox:
                 yield entry[2]
                 seq += 1
 
-    def uptos(self) -> set[int]:
-        """The ``upto`` of every delta waiting (where a call may begin so that it is due before the windows after)."""
-        return {rec.upto for _, _, rec in self.waiting.values()}
-
     def take(self, sender: int, seq: int) -> SyncRecord | None:
         """A given delta (a restore re-applying what its log says), marked applied."""
         entry = self.waiting.pop((sender, seq), None)

@@ -453,27 +453,6 @@ def test_a_replica_applies_no_delta_holding_events_after_the_window_it_lists(cfg
     assert a.fn.shards[0].sync.applied == {2: 1} and "z" in a.fn.shards[0].model.items.ids
 
 
-def test_with_a_call_interval_a_round_is_split_where_another_replicas_delta_becomes_due(cfg, sync_topic):
-    """flink.model_call_interval_ms: a round's call learns many windows. Another replica's delta read before it
-    applies before the first window at or after its ``upto`` (a new call begins there), not a round later; the
-    round sends once, after its last call."""
-    job_cfg = synced_cfg(cfg, model_call_interval_ms=1000)
-    a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
-    b.window(60000, [["v1", "v", 1.0, 1]])
-    b.window(120000, [["v1", "z", 1.0, 1]])
-    sync_topic.records += sync_records(b.fire(130000))          # b's delta: windows up to 120000
-    for end, item in ((60000, "x"), (120000, "y"), (180000, "w")):
-        a.window(end, [["u1", item, 1.0, 1]])
-    seen, model = [], a.fn._shard(0).model
-    learn = model.learn_windows
-    model.learn_windows = lambda closed, *args: (seen.append(([w for w, _ in closed], "z" in model.items.ids)),
-                                                 learn(closed, *args))[1]
-    out = a.fire(190000)
-    assert seen == [([60000], False), ([120000, 180000], True)], "b's delta applied before window 120000"
-    assert len(sync_records(out, markers=False)) == 1, "one send for the round"
-    assert a.fn.shards[0].sync.applied == {2: 1}
-
-
 def test_a_replica_ahead_waits_for_the_others_progress_for_at_most_the_set_time(cfg, sync_topic):
     """Bounded staleness: before a call, a replica waits until every other replica's progress reaches its own at
     its last send (then it applies their deltas of those windows), for at most flink.replica_sync_wait_ms."""

@@ -678,21 +678,8 @@ class RecommendOnlineSynced(RecommendOnline):
 
     def _calls(self, shard: Shard, closed) -> list:
         """With ``flink.replica_sync_events`` > 0, calls of at most about that many events (whole windows), so
-        that the replica sends and applies at least that often however many windows one watermark closes.
-        Otherwise, with ``flink.model_call_interval_ms`` (a round's call learns many windows), a new call begins
-        where another replica's delta read so far becomes due (its ``upto``), so that it is applied before the
-        windows after it rather than a round later; those calls do not send (:meth:`_holds_send`)."""
+        that the replica sends and applies at least that often however many windows one watermark closes."""
         every = self.cfg.flink.replica_sync_events
-        if not every and self.cfg.flink.model_call_interval_ms and len(closed) > 1:
-            self._read_feed()
-            uptos = sorted(self.inboxes[shard.key].uptos())
-            calls, part = [], [closed[0]]
-            for window in closed[1:]:
-                if any(part[0][0] < upto <= window[0] for upto in uptos):
-                    calls.append(part)
-                    part = []
-                part.append(window)
-            return calls + [part]
         if not every:
             return super()._calls(shard, closed)
         calls, part, events = [], [], shard.sync.unsent_events
@@ -725,16 +712,10 @@ class RecommendOnlineSynced(RecommendOnline):
         """Send this replica's changes since it last sent, once it has learned ``flink.replica_sync_events``
         events since."""
         self._replica_learned(shard, closed)
-        if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1) or self._holds_send(shard, closed):
+        if shard.sync.unsent_events < max(self.cfg.flink.replica_sync_events, 1):
             return
         upto = closed[-1][0]     # the timer's last call (its window is the last closed) has learned every window
         self._send(shard, upto, max(upto, shard.watermark + 1) if upto == max(shard.closed_at) else upto)
-
-    def _holds_send(self, shard: Shard, closed) -> bool:
-        """A call split from a round's (:meth:`_calls`, by the others' deltas) sends only with the round's last call:
-        a send per part would make more parts of the others' rounds in turn."""
-        return (bool(self.cfg.flink.model_call_interval_ms) and not self.cfg.flink.replica_sync_events
-                and closed[-1][0] != max(shard.closed_at))
 
     def _replica_idle(self, shard: Shard) -> None:
         """A timer with no window of this replica's (its heartbeat): while others wait for its progress, it
