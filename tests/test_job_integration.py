@@ -120,13 +120,17 @@ def test_the_job_crosses_into_python_only_where_it_must(cfg):
     assert len(python) == 1 and "PythonCorrelate(invocation=[parse_event(" in python[0], python
 
 
-def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_gets_one_list(topics_cfg):
+@pytest.mark.parametrize("call_interval_ms", [0, 600_000])
+def test_at_parallelism_two_replicas_learn_as_one_model_and_every_user_window_gets_one_list(topics_cfg,
+                                                                                            call_interval_ms):
     """flink.parallelism 2: users split into two model shards, one per subtask, whose replicas of the model
     exchange their changes through the sync topic (each reads it and applies the other's); the bounded run ends
     by itself (the sync is no Flink input); one list per active (user, window), none twice; one
-    end-of-input metrics record per shard, together scoring every event."""
+    end-of-input metrics record per shard, together scoring every event. With flink.model_call_interval_ms of
+    10 minutes, windows closed after a shard's first call wait for the end of input, which must call them."""
     from freshet.ops.runner import run_job
-    cfg = topics_cfg.replace(model={"kind": "bpr"}, flink={"parallelism": 2, "replica_sync": True})
+    cfg = topics_cfg.replace(model={"kind": "bpr"}, flink={"parallelism": 2, "replica_sync": True,
+                                                           "model_call_interval_ms": call_interval_ms})
     events = good_events()
     prod = kafka_io.producer(cfg)
     report = kafka_io.DeliveryReport()
