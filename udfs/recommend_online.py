@@ -291,7 +291,7 @@ class RecommendOnline(KeyedProcessFunction):
                 yield from self._fire(shard, ctx, watermark)   # reports, or has a report timer set
                 return
             if shard.armed is None:
-                self._arm(shard, ctx)
+                RecommendOnline._arm(shard, ctx)     # its windows' timer only (no replica heartbeat from here)
         if shard.metrics_timer is None and shard.report_state() != shard.reported:
             yield self._metrics_row(shard, ctx.timer_service().current_watermark())
 
