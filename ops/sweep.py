@@ -176,8 +176,8 @@ def ratio(run: dict, one: dict, key: str) -> str:
 
 def busiest(run: dict, one: dict, key: str) -> str:
     """The largest of ``run[key]`` (one value a subtask) against p = 1's, as "0.55×" ("–" where either lacks it)."""
-    ok = [v for v in run.get(key) or [] if v is not None], [v for v in one.get(key) or [] if v is not None]
-    return f"{max(ok[0]) / max(ok[1]):.2f}×" if all(ok) and max(ok[1]) else "–"
+    here, base = ([v for v in r.get(key) or [] if v is not None] for r in (run, one))
+    return f"{max(here) / max(base):.2f}×" if here and base and max(base) else "–"
 
 
 def markdown(report: dict) -> str:

@@ -333,9 +333,10 @@ class RecommendOnline(KeyedProcessFunction):
         """Learn and list every window that ``timestamp`` or the watermark has passed (unless they wait for the
         subtask's next round of calls), then arm the next timer."""
         watermark = ctx.timer_service().current_watermark()
-        if self._closable(shard, max(timestamp, watermark)) and self._defer(shard, ctx, watermark):
+        upto = max(timestamp, watermark)
+        if self._closable(shard, upto) and self._defer(shard, ctx, watermark):
             return
-        closed = self._close(shard, max(timestamp, watermark))
+        closed = self._close(shard, upto)
         shard.watermark = watermark
         for part in self._calls(shard, closed):   # none when another timer for the same windows already flushed them
             yield from self._call(shard, part)
