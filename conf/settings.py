@@ -221,7 +221,8 @@ class FlinkConfig:
     watermark_interval_ms: int = 200          # how often the sources emit a watermark (pipeline.auto-watermark-interval)
     model_call_interval_ms: int = 0           # a subtask's rounds of model calls start at most this often (0: per watermark)
     restart_attempts: int = 10
-    restart_delay_ms: int = 3000
+    restart_delay_ms: int = 3000              # the first restart's delay; each next one 1.5x longer ...
+    restart_max_delay_ms: int = 60000         # ... up to this
     local_heap_mb: int = 1024                 # JVM heap of the local runtime (`freshet run`); 0: the JVM's default
     python_bundle_time_ms: int = 100          # a Python operator flushes its output at least this often
     python_bundle_size: int = 1000            # ... or after this many input records
@@ -243,6 +244,8 @@ class FlinkConfig:
                  "flink.local_heap_mb must be 0 (the JVM's default) or at least 256")
         _require(self.restart_attempts >= 0 and self.restart_delay_ms >= 0,
                  "flink.restart_attempts and flink.restart_delay_ms must be >= 0")
+        _require(self.restart_max_delay_ms >= self.restart_delay_ms,
+                 "flink.restart_max_delay_ms must be at least flink.restart_delay_ms")
         _require(self.replica_sync_events >= 0, "flink.replica_sync_events must be >= 0 (0: after every model call)")
         _require(self.replica_sync_wait_ms >= 0, "flink.replica_sync_wait_ms must be >= 0 (0: never wait)")
         _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")

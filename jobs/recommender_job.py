@@ -52,9 +52,15 @@ def flink_configuration(cfg: Config) -> Configuration:
         conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("table.exec.source.idle-timeout", f"{cfg.window.idleness_ms} ms")
     conf.set_string("pipeline.auto-watermark-interval", f"{cfg.flink.watermark_interval_ms} ms")
-    conf.set_string("restart-strategy.type", "fixed-delay")
-    conf.set_string("restart-strategy.fixed-delay.attempts", str(cfg.flink.restart_attempts))
-    conf.set_string("restart-strategy.fixed-delay.delay", f"{cfg.flink.restart_delay_ms} ms")
+    # Restarts back off: a TaskManager killed with -9 is still listed for a few seconds, and every attempt meanwhile
+    # fails at deployment and restarts the survivors' tasks (their Python operators start TensorFlow each time); a
+    # broker outage of minutes is outlived rather than ending the job after a fixed number of quick attempts.
+    conf.set_string("restart-strategy.type", "exponential-delay")
+    conf.set_string("restart-strategy.exponential-delay.initial-backoff", f"{cfg.flink.restart_delay_ms} ms")
+    conf.set_string("restart-strategy.exponential-delay.max-backoff", f"{cfg.flink.restart_max_delay_ms} ms")
+    conf.set_string("restart-strategy.exponential-delay.backoff-multiplier", "1.5")
+    conf.set_string("restart-strategy.exponential-delay.attempts-before-reset-backoff", str(cfg.flink.restart_attempts))
+    conf.set_string("restart-strategy.exponential-delay.reset-backoff-threshold", "10 min")
     return conf
 
 

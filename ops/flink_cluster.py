@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -176,12 +177,27 @@ class LocalFlinkCluster:
                              tuple(JobInfo(j["jid"], j.get("name", ""), j.get("state", "")) for j in jobs), wanted)
 
     def pids(self) -> dict[str, list[int]]:
-        """Process ids from Flink's own pid files (``flink-<user>-<role>.pid``), live ones only."""
+        """Process ids from Flink's own pid files (``flink-<user>-<role>.pid``): this cluster's live processes
+        only. A pid file keeps the number of a process killed with -9, and Linux hands numbers out again (every
+        thread takes one; pid_max is 32768 here), so a stale line can name another process, or a thread of one:
+        a number counts only while it names a process whose command line writes to this cluster's logs."""
         out: dict[str, list[int]] = {}
         for f in (self.dir / "pids").glob("flink-*.pid"):
             role = f.stem.split("-")[-1]
-            out[role] = [int(x) for x in f.read_text().split() if x.strip().isdigit() and processes.pid_alive(int(x))]
+            out[role] = [int(x) for x in f.read_text().split() if x.strip().isdigit() and self._ours(int(x))]
         return out
+
+    def _ours(self, pid: int) -> bool:
+        """Whether ``pid`` is a live process (not a thread) started for this cluster (``-Dlog.file`` in its
+        folder: :meth:`_env`)."""
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        leader = re.search(r"^Tgid:\s*(\d+)", status, re.M)
+        return (leader is not None and int(leader.group(1)) == pid and processes.pid_alive(pid)
+                and f"-Dlog.file={self.dir / 'logs'}/".encode() in cmdline)
 
     def _daemon(self, script: str, action: str) -> None:
         done = subprocess.run(["bash", str(FLINK_HOME / "bin" / script), action], env=self._env(),
@@ -227,16 +243,22 @@ class LocalFlinkCluster:
                            f"see {self.dir / 'logs'}")
 
     def stop(self, log=print) -> None:
+        """Stop this cluster's processes (TaskManagers first) as Flink's scripts do: SIGTERM, then SIGKILL what is
+        left after 30 s. Not through ``stop-all``: it signals every number in the pid files, stale ones too
+        (:meth:`pids`)."""
         running = self.pids()
-        if any(running.values()):
-            for script in ("taskmanager.sh", "jobmanager.sh"):
-                subprocess.run(["bash", str(FLINK_HOME / "bin" / script), "stop-all"], env=self._env(),
-                               capture_output=True)
-            processes.wait_gone([p for ps in running.values() for p in ps], 30)
-            for pid in (p for ps in running.values() for p in ps if processes.pid_alive(p)):
-                os.kill(pid, 9)
+        for role in sorted(running, key=lambda r: r != "taskexecutor"):
+            for pid in running[role]:
+                processes.signal_quietly(pid, signal.SIGTERM)
+        everyone = [p for ps in running.values() for p in ps]
+        processes.wait_gone(everyone, 30)
+        for pid in (p for p in everyone if self._ours(p)):
+            processes.signal_quietly(pid, signal.SIGKILL)
+        processes.wait_gone(everyone, 30)
+        for f in (self.dir / "pids").glob("flink-*.pid"):
+            f.unlink()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)   # incl. what processes killed with -9 left behind
-        log("flink cluster stopped" if any(running.values()) else "flink cluster was not running")
+        log("flink cluster stopped" if everyone else "flink cluster was not running")
 
     # ---- jobs ---------------------------------------------------------------------------------
     def submit(self, config_path: Path | None, bounded: bool, env_overrides: dict[str, str] | None = None,

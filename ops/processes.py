@@ -107,6 +107,14 @@ def wait_gone(pids, timeout: float) -> bool:
     return True
 
 
+def signal_quietly(pid: int, sig: int) -> None:
+    """Send ``sig`` to process ``pid``; nothing if it is already gone."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def read_pid(pid_file: Path) -> int | None:
     try:
         pid = int(pid_file.read_text().strip())

@@ -5,10 +5,16 @@ killed with ``kill -9`` (and, in a second test, while the broker is restarted). 
 (user_id, window_end) for a read_committed reader, exactly one list per active user and window, every
 input record accepted (no dead letters, every (user, window) listed), and HR@10 within 2 % (relative)
 of the uninterrupted run, which only holds if the model continued from its checkpointed state.
+
+The log is replayed at a steady rate into an unbounded job (:func:`paced_run`), which ``freshet stop --drain``
+ends once the lists settle. A bounded job reads the whole preloaded log in seconds, after which Flink declines
+checkpoints while the finished sources' tasks close: whether a fault fell after a checkpoint that held model
+calls depended on the machine's speed (a CI run missed it three times in a row).
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -24,6 +30,7 @@ from .lists import assert_one_list_per_user_window
 
 pytestmark = pytest.mark.integration
 FAULT_REST_PORT = 18091
+RATE = 2500       # events/s: about what the p = 2 BPR job keeps up with here, so its sources stay busy
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +40,17 @@ def log_df(kafka_cfg):
 
 @pytest.fixture(scope="module")
 def setup(kafka, kafka_cfg, log_df, tmp_path_factory):
-    """The ML-100K log in a fresh input topic, a cluster, and the uninterrupted reference run."""
+    """A cluster of one TaskManager, and the ML-100K log."""
     tag = f"fault-{int(time.time())}"
     cfg = kafka_cfg.replace(kafka={"input_topic": f"{tag}-events"}, local={"flink_rest_port": FAULT_REST_PORT},
-                            # checkpoints every second: a BPR replay of ML-100K lasts ~20 s, and the faults
-                            # must fall between checkpoints that hold model calls, before the replay ends
+                            # checkpoints every second, so that a fault falls after one that holds model calls
                             flink={"checkpoint_interval_ms": 1000, "model_snapshot_interval_ms": 5000,
                                    "restart_delay_ms": 2000, "restart_attempts": 30})
-    kafka_io.ensure_topics(run_cfg(cfg, "setup"))
-    replay.replay(cfg, log_df, progress=False)
     cluster = LocalFlinkCluster(cfg)
     cluster.stop(log=lambda *_: None)
     cluster.start()
     try:
-        tmp = tmp_path_factory.mktemp("fault")
-        reference = run_cfg(cfg, "reference")
-        job = submit(cluster, reference, tmp)
-        assert cluster.wait(job, timeout=600) == "FINISHED"
-        yield cfg, cluster, tmp, score(reference, log_df)
+        yield cfg, cluster, tmp_path_factory.mktemp("fault"), log_df
     finally:
         cluster.stop()
         assert not any(cluster.pids().values()), "cluster processes must be gone after stop"
@@ -73,11 +73,6 @@ def run_cfg(cfg, name):
                        flink={"transactional_id_prefix": tag})
 
 
-def submit(cluster, cfg, tmp) -> str:
-    kafka_io.ensure_topics(cfg)
-    return cluster.submit(dump_config(cfg, tmp / f"{cfg.kafka.group_id}.yaml"), bounded=True)
-
-
 def score(cfg, df) -> dict:
     recs = kafka_io.read_json(cfg, cfg.kafka.output_topic)
     dead = kafka_io.read_json(cfg, cfg.kafka.dlq_topic)
@@ -86,27 +81,75 @@ def score(cfg, df) -> dict:
     return {"recs": recs, "dead": dead, "metrics": metrics, "hr": hr}
 
 
-def submit_for_fault(cluster, cfg, name, tmp, attempts: int = 3) -> tuple:
-    """Submit a run and wait until a fault can be injected mid-replay (:func:`wait_for_progress`); returns
-    (its config, its job id). A replay that ran to its end first (the whole of ML-100K takes ~20 s, and how
-    far a checkpoint gets before the end varies with the machine's load) is run again, in fresh topics."""
-    for attempt in range(1, attempts + 1):
-        run = run_cfg(cfg, name if attempt == 1 else f"{name}-{attempt}")
-        job = submit(cluster, run, tmp)
-        if wait_for_progress(cluster, job, run) and not input_ended(cluster, job):
-            return run, job
-        print(f"\n{name}: attempt {attempt} reached the end of its input before the fault could be injected; "
-              "running it again")
-        cluster.wait(job, timeout=600)
-    pytest.fail(f"the job reached the end of its input before the fault could be injected, {attempts} times")
+def describe(cluster, job: str | None = None) -> str:
+    """What a failing test shows of the cluster (CI keeps no logs): the JobManager's view, the live processes, the
+    job's latest exceptions, and each process's last output and error lines."""
+    lines = [str(cluster.status()), f"live processes: {cluster.pids()}"]
+    if job:
+        try:
+            entries = cluster._rest(f"/jobs/{job}/exceptions?maxExceptions=3").get("exceptionHistory", {})
+            lines.append(f"job {job}: {cluster.job_state(job)}")
+            for e in entries.get("entries", [])[:3]:
+                lines.append(f"  {e.get('timestamp')} {e.get('taskName')} @ {e.get('endpoint')}: "
+                             + (e.get("stacktrace") or e.get("exceptionName") or "")[:1200])
+        except OSError as e:
+            lines.append(f"job {job}: no answer ({e})")
+    for log in sorted((cluster.dir / "logs").glob("flink-*")):
+        if log.suffix == ".out":
+            tail = log.read_text(errors="replace").splitlines()[-8:]
+        elif log.suffix == ".log":
+            tail = [x for x in log.read_text(errors="replace").splitlines()
+                    if " ERROR " in x or "FATAL" in x or "Fatal" in x or "OutOfMemory" in x][-6:]
+        else:
+            continue
+        lines += [f"--- {log.name}"] + [x[:400] for x in tail] if tail else []
+    return "\n".join(lines)
 
 
-def input_ended(cluster, job) -> bool:
-    """Whether a task of the job has finished: its bounded source read the whole log, so a fault now would fall
-    while the job ends, not mid-replay (once it fell 0.1 s after the source finished; the job then recovered
-    every list, but its restored attempt reported no restored model)."""
-    info = cluster._rest(f"/jobs/{job}")
-    return info.get("state") != "RUNNING" or any(v.get("status") == "FINISHED" for v in info.get("vertices", []))
+def paced_run(setup, name, capsys, fault=None) -> dict:
+    """The log replayed at RATE into its own input topic while an unbounded job runs; ``fault(run, job)`` once
+    the job is writing lists and a checkpoint holds model calls; the job drained once its lists settle."""
+    cfg, cluster, tmp, log_df = setup
+    run = run_cfg(cfg.replace(kafka={"input_topic": f"{cfg.kafka.input_topic}-{name}"}), name)
+    kafka_io.ensure_topics(run)
+    config = dump_config(run, tmp / f"{name}.yaml")
+    job = cluster.submit(config, bounded=False)
+    wait_running(cluster, job)
+    failed: list[Exception] = []
+
+    def feed():
+        try:
+            replay.replay(run, log_df, rate=RATE, progress=False)
+        except Exception as e:        # noqa: BLE001  (raised below, in the test's thread)
+            failed.append(e)
+
+    producer = threading.Thread(target=feed)
+    producer.start()
+    try:
+        if fault is not None:
+            assert wait_for_progress(cluster, job, run), "the job ended before the fault\n" + describe(cluster, job)
+            fault(run, job)
+    finally:
+        producer.join()
+    assert not failed, f"the replay failed: {failed[0]}"
+    wait_until_lists_settle(run, cluster, job)
+    listed = len(kafka_io.read_json(run, run.kafka.output_topic))   # before the drain closes the last windows
+    metrics = kafka_io.read_json(run, run.kafka.metrics_topic)     # this job's, before any resumed one's
+    stop(job, config, capsys, "--drain")          # the end of the log: the last windows close
+    result = score(run, log_df)
+    result.update(job=job, job_metrics=metrics, listed_before_drain=listed)
+    return result
+
+
+_REFERENCES: dict[int, dict] = {}
+
+
+def uninterrupted(setup, capsys) -> dict:
+    """The uninterrupted run on ``setup``'s cluster (made once for a module's tests)."""
+    port = setup[1].port
+    if port not in _REFERENCES:
+        _REFERENCES[port] = paced_run(setup, "reference", capsys)
+    return _REFERENCES[port]
 
 
 def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 300) -> bool:
@@ -127,7 +170,7 @@ def wait_for_progress(cluster, job, cfg, checkpoints: int = 2, timeout: float = 
         if needed is not None and done >= needed:
             return True
         time.sleep(0.5)
-    pytest.fail("no progress before the fault")
+    pytest.fail("no progress before the fault\n" + describe(cluster, job))
 
 
 def check_recovered_run(result, reference, df, window_ms, rel=0.02, rel_above=None):
@@ -140,42 +183,49 @@ def check_recovered_run(result, reference, df, window_ms, rel=0.02, rel_above=No
     assert low <= result["hr"] <= high, (result["hr"], reference["hr"], (round(low, 4), round(high, 4)))
 
 
-def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, log_df):
-    cfg, cluster, tmp, reference = setup
-    run, job = submit_for_fault(cluster, cfg, "kill9", tmp)
-    taskmanagers = cluster.pids().get("taskexecutor", [])
-    assert taskmanagers, "no TaskManager process found"
-    killed_at = time.time()
-    for pid in taskmanagers:
-        os.kill(pid, 9)
-    processes.wait_gone(taskmanagers, 30)      # as a user would: cluster start once the killed JVM is gone
-    cluster.start()        # what a user types: brings the cluster back to local.taskmanagers
-    assert cluster.wait(job, timeout=600) == "FINISHED"
-    restored = cluster.checkpoints(job).get("latest", {}).get("restored") or {}
-    assert restored, "the job must have restored from a checkpoint"
-    recovery_s = restored["restore_timestamp"] / 1000 - killed_at
-    result = score(run, log_df)
-    print(f"\nkill -9 TaskManager: restored checkpoint {restored['id']} {recovery_s:.1f}s after the kill, "
-          f"model version {max(m['restored_model_version'] for m in result['metrics'])} with "
-          f"{max(m['restored_windows'] for m in result['metrics'])} logged windows re-learned; "
-          f"HR@10 {result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; lists {len(result['recs'])}")
+def test_kill_9_taskmanager_mid_replay_loses_and_duplicates_nothing(setup, capsys):
+    cfg, cluster, tmp, log_df = setup
+    reference = uninterrupted(setup, capsys)
+    killed = {}
+
+    def kill_the_taskmanager(run, job):
+        taskmanagers = cluster.pids().get("taskexecutor", [])
+        assert taskmanagers, "no TaskManager process found\n" + describe(cluster, job)
+        killed["at"] = time.time()
+        for pid in taskmanagers:
+            os.kill(pid, 9)
+        processes.wait_gone(taskmanagers, 30)      # as a user would: cluster start once the killed JVM is gone
+        cluster.start()        # what a user types: brings the cluster back to local.taskmanagers
+
+    result = paced_run(setup, "kill9", capsys, fault=kill_the_taskmanager)
+    restored = cluster.checkpoints(result["job"]).get("latest", {}).get("restored") or {}
+    assert restored, "the job must have restored from a checkpoint\n" + describe(cluster, result["job"])
+    recovery_s = restored["restore_timestamp"] / 1000 - killed["at"]
+    with capsys.disabled():
+        print(f"\nkill -9 TaskManager: restored checkpoint {restored['id']} {recovery_s:.1f}s after the kill, "
+              f"model version {max(m['restored_model_version'] for m in result['metrics'])} with "
+              f"{max(m['restored_windows'] for m in result['metrics'])} logged windows re-learned; "
+              f"HR@10 {result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; lists {len(result['recs'])}")
     check_recovered_run(result, reference, log_df, cfg.window.size_ms)
     # Restored, not rebuilt: from its snapshot and/or the calls logged since (which of the two depends on
     # where the restored checkpoint fell between snapshots; tests/test_recommend_online.py covers the log).
     assert max(m["restored_model_version"] for m in result["metrics"]) > 0, "the model must have been restored"
 
 
-def test_broker_restart_mid_replay_loses_and_duplicates_nothing(setup, kafka, log_df):
-    cfg, cluster, tmp, reference = setup
-    run, job = submit_for_fault(cluster, cfg, "broker", tmp)
-    broker = LocalKafka(cfg)
-    broker.stop()
-    time.sleep(3)
-    broker.start()
-    assert cluster.wait(job, timeout=600) == "FINISHED"
-    result = score(run, log_df)
-    print(f"\nbroker restart: HR@10 {result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; "
-          f"lists {len(result['recs'])}; restarts {cluster.checkpoints(job).get('counts')}")
+def test_broker_restart_mid_replay_loses_and_duplicates_nothing(setup, kafka, capsys):
+    cfg, cluster, tmp, log_df = setup
+    reference = uninterrupted(setup, capsys)
+
+    def restart_the_broker(run, job):
+        broker = LocalKafka(cfg)
+        broker.stop()
+        time.sleep(3)
+        broker.start()
+
+    result = paced_run(setup, "broker", capsys, fault=restart_the_broker)
+    with capsys.disabled():
+        print(f"\nbroker restart: HR@10 {result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; "
+              f"lists {len(result['recs'])}; restarts {cluster.checkpoints(result['job']).get('counts')}")
     check_recovered_run(result, reference, log_df, cfg.window.size_ms)
 
 
@@ -200,7 +250,7 @@ def wait_until_lists_settle(cfg, cluster, job, quiet_s: float = 12, timeout: flo
     count, since = 0, time.monotonic()
     while not count or time.monotonic() - since < quiet_s or not input_committed(cfg):
         assert time.monotonic() < deadline, f"lists still growing after {timeout:.0f}s"
-        assert cluster.job_state(job) == "RUNNING", "the job ended before it could be stopped"
+        assert cluster.job_state(job) == "RUNNING", "the job ended before it could be stopped\n" + describe(cluster, job)
         time.sleep(2)
         now = len(kafka_io.read_json(cfg, cfg.kafka.output_topic))
         if now != count:
@@ -215,7 +265,7 @@ def wait_running(cluster, job, timeout: float = 120) -> float:
         if info.get("state") == "RUNNING" and all(v.get("status") == "RUNNING" for v in info.get("vertices", [])):
             return time.monotonic() - started
         time.sleep(0.2)
-    pytest.fail(f"job {job} not running after {timeout:.0f}s")
+    pytest.fail(f"job {job} not running after {timeout:.0f}s\n" + describe(cluster, job))
 
 
 def stop(job, config, capsys, *extra) -> tuple[str, float]:
@@ -230,7 +280,8 @@ def test_stop_with_savepoint_at_half_and_resume_loses_and_duplicates_nothing(set
     second half, `freshet submit --from-savepoint`, and `freshet stop --drain` once its lists settle: the
     same model goes on (HR@10 within 1 % of the uninterrupted run) and the input from the savepoint's
     offsets (no list lost or written twice; windows open at the stop close after the resume)."""
-    cfg, cluster, tmp, reference = setup
+    cfg, cluster, tmp, _ = setup
+    reference = uninterrupted(setup, capsys)
     run = run_cfg(cfg.replace(kafka={"input_topic": f"{cfg.kafka.input_topic}-halves"}), "savepoint")
     config = dump_config(run, tmp / "savepoint.yaml")
     kafka_io.ensure_topics(run)

@@ -18,7 +18,6 @@ scratch (−8 % and more) or replicas that stop syncing after the restore.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -29,12 +28,13 @@ from freshet.ops.flink_cluster import LocalFlinkCluster
 from freshet.scripts.cli import main
 
 from .lists import assert_one_list_per_user_window
-from .test_fault_tolerance import (check_recovered_run, run_cfg, score, stop, wait_for_progress, wait_running,
-                                   wait_until_lists_settle)
+from .test_fault_tolerance import (RATE, check_recovered_run, cluster_at_full_strength, describe, paced_run,
+                                   run_cfg, score, stop, uninterrupted, wait_running, wait_until_lists_settle)
 
-pytestmark = pytest.mark.integration
+# Each test on both TaskManagers, whatever the test before it left (a failed kill -9 test left one in a CI run,
+# and every later test waited for a second slot).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures(cluster_at_full_strength.__name__)]
 PARALLEL_REST_PORT = 18095
-RATE = 2500       # events/s: about what the p = 2 BPR job keeps up with here, so its sources stay busy
 
 
 @pytest.fixture(scope="module")
@@ -58,32 +58,6 @@ def setup(kafka, kafka_cfg, tmp_path_factory):
         assert not any(cluster.pids().values()), "cluster processes must be gone after stop"
 
 
-def paced_run(setup, name, capsys, fault=None) -> dict:
-    """The log replayed at RATE into its own input topic while an unbounded job runs; ``fault(run, job)`` once
-    the job is writing lists and a checkpoint holds model calls; the job drained once its lists settle."""
-    cfg, cluster, tmp, log_df = setup
-    run = run_cfg(cfg.replace(kafka={"input_topic": f"{cfg.kafka.input_topic}-{name}"}), name)
-    kafka_io.ensure_topics(run)
-    config = dump_config(run, tmp / f"{name}.yaml")
-    job = cluster.submit(config, bounded=False)
-    wait_running(cluster, job)
-    producer = threading.Thread(target=replay.replay, args=(run, log_df), kwargs={"rate": RATE, "progress": False})
-    producer.start()
-    try:
-        if fault is not None:
-            assert wait_for_progress(cluster, job, run), "the job ended before the fault"
-            fault(run, job)
-    finally:
-        producer.join()
-    wait_until_lists_settle(run, cluster, job)
-    listed = len(kafka_io.read_json(run, run.kafka.output_topic))   # before the drain closes the last windows
-    metrics = kafka_io.read_json(run, run.kafka.metrics_topic)     # this job's, before any resumed one's
-    stop(job, config, capsys, "--drain")          # the end of the log: the last windows close
-    result = score(run, log_df)
-    result.update(job=job, job_metrics=metrics, listed_before_drain=listed)
-    return result
-
-
 def final_metrics(result) -> list[dict]:
     """Each shard's latest live-metrics record of the job before it was stopped (a drain can go through a job
     resumed from a savepoint: ``LocalFlinkCluster.stop_job``). Latest by ``emitted_at``: the metrics topic is
@@ -94,16 +68,6 @@ def final_metrics(result) -> list[dict]:
         if m["shard"] not in last or m["emitted_at"] > last[m["shard"]]["emitted_at"]:
             last[m["shard"]] = m
     return list(last.values())
-
-
-_REFERENCE: dict = {}
-
-
-def uninterrupted(setup, capsys) -> dict:
-    """The uninterrupted p = 2 run (made once for the module's tests)."""
-    if not _REFERENCE:
-        _REFERENCE.update(paced_run(setup, "reference", capsys))
-    return _REFERENCE
 
 
 def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing(setup, capsys):
@@ -122,7 +86,14 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
         os.kill(victim, 9)
         processes.wait_gone([victim], 30)
         cluster.start()        # what a user types: brings the cluster back to local.taskmanagers
-        assert len(cluster.pids().get("taskexecutor", [])) == 2
+        if len(cluster.pids().get("taskexecutor", [])) != 2:
+            # Once in CI the other TaskManager was gone too by the time the replacement registered; CI keeps no
+            # logs, so what the cluster says goes to the output, and the user's next step follows: start again.
+            killed["also lost"] = describe(cluster, job)
+            with capsys.disabled():
+                print(f"\nWARNING: a second TaskManager was lost after the kill -9:\n{killed['also lost']}")
+            cluster.start()
+        assert len(cluster.pids().get("taskexecutor", [])) == 2, describe(cluster, job)
 
     result = paced_run(setup, "kill9", capsys, fault=kill_one_taskmanager)
     restored = cluster.checkpoints(result["job"]).get("latest", {}).get("restored") or {}
@@ -131,8 +102,9 @@ def test_kill_9_of_one_taskmanager_at_parallelism_2_loses_and_duplicates_nothing
         print(f"\nkill -9 of one of two TaskManagers at p = 2: restored checkpoint {restored.get('id')} "
               f"{restored.get('restore_timestamp', 0) / 1000 - killed['at']:.1f}s after the kill; HR@10 "
               f"{result['hr']:.4f} vs uninterrupted {reference['hr']:.4f}; lists {len(result['recs'])}; deltas "
-              f"applied after the restore {[m['sync_applied'] for m in ends]}")
-    assert restored, "the job must have restored from a checkpoint"
+              f"applied after the restore {[m['sync_applied'] for m in ends]}"
+              + ("; a second TaskManager was lost and replaced" if "also lost" in killed else ""))
+    assert restored, "the job must have restored from a checkpoint\n" + describe(cluster, result["job"])
     check_recovered_run(result, reference, log_df, cfg.window.size_ms, rel=0.04)
     assert len(ends) == 2, "live metrics from both shards"
     assert all(m["restored_model_version"] > 0 for m in ends), "both replicas must have been restored"
