@@ -387,6 +387,12 @@ class LocalFlinkCluster:
     def job_state(self, job_id: str) -> str:
         return self._rest(f"/jobs/{job_id}").get("state", "UNKNOWN")
 
+    def cancel(self, job_id: str, timeout: float = 60.0) -> str:
+        """Cancel a job (no savepoint; its last checkpoint is retained) and wait until it has ended."""
+        request = urllib.request.Request(f"{self.url}/jobs/{job_id}?mode=cancel", method="PATCH")
+        urllib.request.urlopen(request, timeout=10).close()
+        return self.wait(job_id, timeout)
+
     def wait(self, job_id: str, timeout: float = 600.0, states=("FINISHED", "FAILED", "CANCELED")) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
