@@ -31,6 +31,7 @@ FLINK_HOME = Path(pyflink.__file__).parent
 # sources of the job being drained must not turn idle between the check and the drain (FLINK-40499), and the
 # REST API's sourceIdleTime can be 10 s old (Flink's metric fetcher).
 DRAIN_IDLE_MARGIN_MS = 15_000
+ENDED = ("FINISHED", "FAILED", "CANCELED")     # the states a job does not leave
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class ClusterStatus:
                  f"{self.slots_total} slots ({sum(tm.slots_free for tm in self.taskmanagers)} free), "
                  f"{self.jobs_running} job(s) running"]
         lines += [f"  {tm}" for tm in self.taskmanagers]
-        lines += [f"  {job}" for job in self.jobs if job.state not in ("FINISHED", "CANCELED", "FAILED")]
+        lines += [f"  {job}" for job in self.jobs if job.state not in ENDED]
         return "\n".join(lines)
 
 
@@ -375,7 +376,7 @@ class LocalFlinkCluster:
             info = self._rest(f"/jobs/{job_id}")
             if info.get("state") == "RUNNING" and all(v.get("status") == "RUNNING" for v in info.get("vertices", [])):
                 return
-            if info.get("state") in ("FINISHED", "FAILED", "CANCELED"):
+            if info.get("state") in ENDED:
                 raise RuntimeError(f"job {job_id} ended {info['state']} before it was running")
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not running after {timeout:.0f}s")
@@ -393,7 +394,7 @@ class LocalFlinkCluster:
         urllib.request.urlopen(request, timeout=10).close()
         return self.wait(job_id, timeout)
 
-    def wait(self, job_id: str, timeout: float = 600.0, states=("FINISHED", "FAILED", "CANCELED")) -> str:
+    def wait(self, job_id: str, timeout: float = 600.0, states=ENDED) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.job_state(job_id)

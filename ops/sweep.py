@@ -35,7 +35,7 @@ from freshet.conf.settings import Config, dump_config
 from freshet.ops import kafka_io, replay
 from freshet.ops.bench import (LOG_APPEND_TIME, SYSTEMS, ProcessTreeMonitor, header, measure, prepare, read_output,
                                 system_config, write_report)
-from freshet.ops.flink_cluster import LocalFlinkCluster
+from freshet.ops.flink_cluster import ENDED, LocalFlinkCluster
 
 SWEEP_REST_PORT = 18071     # the sweep's own clusters: never the user's (local.flink_rest_port)
 MODEL_THREAD = "recommend-onli"   # the model operator's task thread, as the kernel names it (15 characters at most)
@@ -63,7 +63,7 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         launched_ms, started = int(time.time() * 1000), time.monotonic()
         job = cluster.submit(config, bounded=True)
         last = started
-        while (state := cluster.job_state(job)) not in ("FINISHED", "FAILED", "CANCELED"):
+        while (state := cluster.job_state(job)) not in ENDED:
             if time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"p = {p}: job {job} not done after {timeout_s:.0f}s")
             if time.monotonic() - last >= 10:

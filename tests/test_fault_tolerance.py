@@ -22,7 +22,7 @@ import pytest
 from freshet.conf.settings import dump_config
 from freshet.models.evaluation import evaluate
 from freshet.ops import kafka_io, processes, replay, savepoints, vendor
-from freshet.ops.flink_cluster import LocalFlinkCluster
+from freshet.ops.flink_cluster import ENDED, LocalFlinkCluster
 from freshet.ops.kafka_local import LocalKafka
 from freshet.scripts.cli import main
 
@@ -64,7 +64,7 @@ def cluster_at_full_strength(request):
         cluster = request.getfixturevalue("setup")[1]
         cluster.start(log=lambda *_: None)
         for job in cluster.status().jobs:
-            if job.state not in ("FINISHED", "CANCELED", "FAILED"):
+            if job.state not in ENDED:
                 print(f"cancelling job {job.id} ({job.state}), left by a failed test")
                 cluster.cancel(job.id)
 
@@ -127,19 +127,20 @@ def paced_run(setup, name, capsys, fault=None, preload=False) -> dict:
 
     def feed():
         try:
-            if not preload:
-                replay.replay(run, log_df, rate=RATE, progress=False)
+            replay.replay(run, log_df, rate=RATE, progress=False)
         except Exception as e:        # noqa: BLE001  (raised below, in the test's thread)
             failed.append(e)
 
-    producer = threading.Thread(target=feed)
-    producer.start()
+    producer = None if preload else threading.Thread(target=feed)
+    if producer:
+        producer.start()
     try:
         if fault is not None:
             assert wait_for_progress(cluster, job, run), "the job ended before the fault\n" + describe(cluster, job)
             fault(run, job)
     finally:
-        producer.join()
+        if producer:
+            producer.join()
     assert not failed, f"the replay failed: {failed[0]}"
     # Quiet for longer than the sources' idleness: the partition whose last record is oldest holds the watermark
     # back until it turns idle, and the windows it held close then (a CI run read one list fewer than the shards
