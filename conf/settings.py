@@ -138,6 +138,7 @@ class WindowConfig:
 
 
 MODEL_KINDS = ("bpr", "sequence", "popularity", "recent-popularity", "transition", "echo")
+MAX_MEMORY_ITEMS = 46340      # the sequence model's counts: items² cells, flat int32 positions (46,340² < 2³¹)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,9 @@ class ModelConfig:
         _require(self.sequence_negatives >= 1, f"model.sequence_negatives must be >= 1, got {self.sequence_negatives}")
         _require(self.sequence_learning_rate > 0 and self.sequence_temperature > 0,
                  "model.sequence_learning_rate and model.sequence_temperature must be > 0")
-        _require(self.sequence_memory_items >= 0, "model.sequence_memory_items must be >= 0 (0: no memory)")
+        _require(0 <= self.sequence_memory_items <= MAX_MEMORY_ITEMS,
+                 f"model.sequence_memory_items must be in 0..{MAX_MEMORY_ITEMS} (0: no memory; the counts are items² cells "
+                 f"addressed by 32-bit ints, {MAX_MEMORY_ITEMS}² × 4 bytes is already 8 GiB)")
         _require(self.popularity_half_life_ms >= 0, "model.popularity_half_life_ms must be >= 0 (0: cumulative)")
         _require(not (self.kind == "recent-popularity" and self.popularity_half_life_ms == 0),
                  "model.kind recent-popularity needs model.popularity_half_life_ms > 0 (e.g. 86400000, one day)")

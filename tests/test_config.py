@@ -25,6 +25,7 @@ def test_environment_overrides_any_key():
     ({"FRESHET_MODEL__NOPE": "1"}, "unknown key"),
     ({"FRESHET_FLINK__CHECKPOINT_INTERVAL_MS": "0"}, "exactly-once needs checkpointing"),
     ({"FRESHET_FLINK__WATERMARK_INTERVAL_MS": "0"}, "flink.watermark_interval_ms must be >= 1"),
+    ({"FRESHET_MODEL__SEQUENCE_MEMORY_ITEMS": "50000"}, "model.sequence_memory_items must be in 0..46340"),
 ])
 def test_bad_values_name_the_key(env, message):
     with pytest.raises(ConfigError, match=message):
