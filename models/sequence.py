@@ -269,13 +269,11 @@ class SequenceModel(TableModel):
         return share * inside * tf.pow(tf.gather(self.T_out, h) + 1.0, -self.cfg.transition_alpha), h
 
     def _memory_at(self, rows, weights, cand):
-        """[B, C]: the memory of each context at candidate items only, ``cand`` [B, C] (or [C] shared by all):
+        """[B, C]: the memory of each context at candidate items only, ``cand`` [B, C] (or [1, C] shared by all):
         the cells ``counts[h_j, c]`` gathered, never the contexts' whole rows (:meth:`_memory`); 0 past the memory."""
         m = self.memory_size
         a, h = self._memory_weights(rows, weights)
-        c = tf.minimum(cand, m - 1)
-        c = c[None, None, :] if len(cand.shape) == 1 else c[:, None, :]
-        cells = tf.cast(tf.gather(self.T_read, h[:, :, None] * m + c), tf.float32)          # [B, L, C]
+        cells = tf.cast(tf.gather(self.T_read, h[:, :, None] * m + tf.minimum(cand, m - 1)[:, None, :]), tf.float32)
         return tf.einsum("bl,blc->bc", a / READ_SCALE, cells) * tf.cast(cand < m, tf.float32)
 
     def _pair_features(self, neg_memory, group, ctx_rows, ctx_w, item):
@@ -318,7 +316,7 @@ class SequenceModel(TableModel):
         """One step outside the compiled program: the groups' contexts ``grp_rows``/``grp_w`` [G, L] and each
         pair's group ``pair_grp`` [P] (the memory at the negatives is read per group: [G, L, M] cells)."""
         ctx_rows, ctx_w = tf.gather(grp_rows, pair_grp), tf.gather(grp_w, pair_grp)
-        feature = (self._pair_features(self._memory_at(grp_rows, grp_w, neg), pair_grp, ctx_rows, ctx_w, item)
+        feature = (self._pair_features(self._memory_at(grp_rows, grp_w, neg[None, :]), pair_grp, ctx_rows, ctx_w, item)
                    if self.memory_size else tf.zeros([tf.shape(item)[0], 1 + self.cfg.sequence_negatives]))
         loss = self._train(ctx_rows, ctx_w, item, weight, neg, feature)
         with tf.control_dependencies([loss]):
@@ -609,7 +607,8 @@ class SequenceModel(TableModel):
                 chosen = tf.where(n_grp > 0, bucket(n_grp, GROUP_BLOCKS), -1)
                 for j, size in enumerate(GROUP_BLOCKS):
                     def rows(mem, size=size):
-                        new = self._memory_at(take(grp_rows, g0, size), take(grp_w, g0, size), tf.gather(neg, at))
+                        new = self._memory_at(take(grp_rows, g0, size), take(grp_w, g0, size),
+                                              tf.gather(neg, at)[None, :])
                         return (tf.tensor_scatter_nd_update(mem, tf.range(size)[:, None], new),)
                     memory, = once(chosen == j, rows, memory)
                 chosen = tf.where(n > 0, bucket(n, BLOCKS), -1)
