@@ -34,6 +34,11 @@ class UserHistory:
         # plus the user's increment counter
         self._rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._count: dict[str, int] = {}
+        # user -> their context as :meth:`context` returns it (read-only), until their history changes: a user's
+        # context is asked for before each increment (the pairs) and after it (the list), and the one after is
+        # the next one's before
+        self._ctx: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._empty = self._frozen(np.zeros(length, np.int32), np.zeros(length, np.float32))
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -45,6 +50,7 @@ class UserHistory:
         """A new increment of ``user``: its item rows (heaviest first) and their weights."""
         n = self._count.get(user, 0)
         self._count[user] = n + 1
+        self._ctx.pop(user, None)
         new_r = np.asarray(rows, np.int32)[: self.length]
         new_w = np.asarray(weights, np.float32)[: self.length]
         old = self._rows.get(user)
@@ -56,15 +62,27 @@ class UserHistory:
                             np.concatenate([np.full(len(new_r), n, np.int64), old[2][:keep]]))
 
     def context(self, user: str) -> tuple[np.ndarray, np.ndarray]:
-        """(rows int32 [length], weights float32 [length]): the user's recent items, decayed; zeros when unknown."""
-        rows, weights = np.zeros(self.length, np.int32), np.zeros(self.length, np.float32)
+        """(rows int32 [length], weights float32 [length]): the user's recent items, decayed; zeros when unknown.
+        The arrays are read-only (kept until the user's history changes)."""
+        ctx = self._ctx.get(user)
+        if ctx is not None:
+            return ctx
         entry = self._rows.get(user)
-        if entry is not None:
-            r, w, inc = entry
-            age = self._count[user] - 1 - inc
-            rows[: len(r)] = r
-            weights[: len(r)] = w * np.power(np.float32(self.decay), age.astype(np.float32))
-        return rows, weights
+        if entry is None:
+            return self._empty
+        rows, weights = np.zeros(self.length, np.int32), np.zeros(self.length, np.float32)
+        r, w, inc = entry
+        age = self._count[user] - 1 - inc
+        rows[: len(r)] = r
+        weights[: len(r)] = w * np.power(np.float32(self.decay), age.astype(np.float32))
+        ctx = self._ctx[user] = self._frozen(rows, weights)
+        return ctx
+
+    @staticmethod
+    def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        for a in arrays:
+            a.setflags(write=False)
+        return arrays
 
     def contexts(self, users: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """The contexts of several users, stacked: ``[n, length]`` rows and weights."""
@@ -76,6 +94,7 @@ class UserHistory:
     def forget(self, user: str) -> None:
         self._rows.pop(user, None)
         self._count.pop(user, None)
+        self._ctx.pop(user, None)
 
     def drop_rows(self, gone: set[int]) -> None:
         """Item rows that were freed (evicted items): their entries leave every history."""
@@ -86,6 +105,7 @@ class UserHistory:
             keep = ~np.isin(r, gone_arr)
             if not keep.all():
                 self._rows[user] = (r[keep], w[keep], inc[keep])
+                self._ctx.pop(user, None)
 
     # ---- persistence: flat arrays, no pickles ---------------------------------------------------
     def state(self, prefix: str = "history") -> dict[str, np.ndarray]:

@@ -458,10 +458,10 @@ class SequenceModel(TableModel):
             return []
         self.maintain(windows[0][0])
         L = self.cfg.history
-        parts = {name: [] for name in ("grp_r", "grp_w", "pair_grp", "item", "weight", "neg", "list_r", "list_w",
-                                       "excl_rec", "excl_item")}
-        grp_end, pair_end, rec_end, excl_end, visible, due = [], [], [], [], [], []
-        n_groups = n_pairs = n_recs = n_excl = 0
+        parts = {name: [] for name in ("grp_r", "grp_w", "item", "weight", "neg", "list_r", "list_w", "excl_rec",
+                                       "excl_item")}
+        group_sizes, grp_end, pair_end, rec_end, excl_end, visible, due = [], [], [], [], [], [], []
+        n_pairs = n_recs = n_excl = 0
         version, step0 = self.version, self.steps
         no_negatives = np.zeros(self.cfg.sequence_negatives, np.int32)
         for window_end, increments, chunk, frozen, last in self.window_steps(windows, batch_size):
@@ -473,25 +473,26 @@ class SequenceModel(TableModel):
                 groups = self._pairs(chunk, step, protect_from=step0)
                 self.steps += 1
                 self._grow()    # the counts must have room for this step's items before they are counted
-                self._init_assigned()
                 neg = self._negatives() if groups else no_negatives
-                grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
-                self._note_counted(grp_r, grp_w, pair_grp, items, weights)
-                for name, a in zip(("grp_r", "grp_w", "pair_grp", "item", "weight"),
-                                   (grp_r, grp_w, pair_grp + n_groups, items, weights)):
-                    parts[name].append(a)
-                n_groups += len(grp_r)
-                n_pairs += len(items)
+                if self._sync is not None:
+                    self._note_counted(*self._step_arrays(groups))
+                for r, w, items, ws in groups:     # flat lists of the call's groups and pairs, stacked once below
+                    parts["grp_r"].append(r)
+                    parts["grp_w"].append(w)
+                    parts["item"].append(items)
+                    parts["weight"].append(ws)
+                    group_sizes.append(len(items))
+                    n_pairs += len(items)
                 version += bool(chunk)    # as in learn_many
             parts["neg"].append(neg)
-            grp_end.append(n_groups)
+            grp_end.append(len(group_sizes))
             pair_end.append(n_pairs)
             if last:
                 users = list(dict.fromkeys(inc.user_id for inc in increments))
-                rows, weights = self.history.contexts(users)
-                parts["list_r"].append(rows)
-                parts["list_w"].append(weights)
                 for user in users:
+                    r, w = self.history.context(user)
+                    parts["list_r"].append(r)
+                    parts["list_w"].append(w)
                     seen = self._seen_rows(user, exclude_seen)
                     if len(seen):
                         parts["excl_rec"].append(np.full(len(seen), n_recs, np.int32))
@@ -503,16 +504,18 @@ class SequenceModel(TableModel):
             excl_end.append(n_excl)
             visible.append(step - step0)
         self._grow()
-        self._init_assigned()
+        self._init_assigned()    # once for the call's new rows: the program below is the first to read them
         born = self._item_born(self.capacity(), step0)
-        cat = lambda name, dtype, shape: (np.concatenate(parts[name]).astype(dtype) if parts[name]  # noqa: E731
-                                          else np.zeros(shape, dtype))
-        work = _Work(cat("grp_r", np.int32, (0, L)), cat("grp_w", np.float32, (0, L)), np.asarray(grp_end, np.int32),
-                     cat("pair_grp", np.int32, (0,)), cat("item", np.int32, (0,)), cat("weight", np.float32, (0,)),
-                     np.asarray(pair_end, np.int32),
-                     np.stack(parts["neg"]).astype(np.int32), cat("list_r", np.int32, (0, L)),
-                     cat("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32), cat("excl_rec", np.int32, (0,)),
-                     cat("excl_item", np.int32, (0,)), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32))
+        stack = lambda name, dtype, shape: (np.stack(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
+                                            else np.zeros(shape, dtype))
+        cat = lambda name, dtype: (np.concatenate(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
+                                   else np.zeros(0, dtype))
+        work = _Work(stack("grp_r", np.int32, (0, L)), stack("grp_w", np.float32, (0, L)), np.asarray(grp_end, np.int32),
+                     np.repeat(np.arange(len(group_sizes), dtype=np.int32), group_sizes), cat("item", np.int32),
+                     cat("weight", np.float32), np.asarray(pair_end, np.int32), np.stack(parts["neg"]).astype(np.int32),
+                     stack("list_r", np.int32, (0, L)), stack("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32),
+                     cat("excl_rec", np.int32), cat("excl_item", np.int32), np.asarray(excl_end, np.int32),
+                     np.asarray(visible, np.int32))
         values, indices = self._run(work, born, min(k, self.capacity()))
         self.version = version
         return self._window_lists(due, values, indices)

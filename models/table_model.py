@@ -266,9 +266,12 @@ class TableModel(Recommender):
     def _window_lists(self, due, values: np.ndarray, indices: np.ndarray) -> list[WindowList]:
         """The lists of a call: ``due`` (user, window_end, model_version) with each one's top-K values and item
         rows (-inf where there were fewer than K items)."""
-        out, ids = [], self.items.ids
-        for (user, window_end, ver), v_row, i_row in zip(due, values, indices):
-            ok = np.isfinite(v_row)
-            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row[ok].tolist()],
-                                                                   v_row[ok].astype(np.float64).tolist()), ver))
+        ids, ok = self.items.ids, np.isfinite(values)
+        full = ok.all(1).tolist()
+        out = []
+        for j, ((user, window_end, ver), v_row, i_row) in enumerate(zip(due, values.astype(np.float64).tolist(),
+                                                                       indices.tolist())):
+            if not full[j]:     # a list shorter than K (few items listable)
+                v_row, i_row = values[j][ok[j]].astype(np.float64).tolist(), indices[j][ok[j]].tolist()
+            out.append(WindowList(user, window_end, Recommendation([ids[i] for i in i_row], v_row), ver))
         return out

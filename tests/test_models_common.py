@@ -131,6 +131,22 @@ def test_sequence_history_is_bounded_and_expires_with_the_user():
     assert "u" not in m.history and "u" not in m.seen
 
 
+def test_history_contexts_are_kept_until_the_history_changes():
+    h = UserHistory(length=3, decay=0.5)
+    h.append("u", [4], [1.0])
+    first = h.context("u")
+    assert h.context("u") is first                      # asked again: the kept arrays
+    with pytest.raises(ValueError):
+        first[1][0] = 9.0                               # read-only: a caller cannot change what others get
+    h.append("u", [5], [2.0])
+    assert h.context("u")[0].tolist() == [5, 4, 0] and h.context("u")[1].tolist() == [2.0, 0.5, 0.0]
+    assert first[0].tolist() == [4, 0, 0]               # what a caller already holds stays as it was
+    h.drop_rows({5})
+    assert h.context("u")[0].tolist() == [4, 0, 0] and h.context("u")[1].tolist() == [0.5, 0.0, 0.0]
+    h.forget("u")
+    assert h.context("u")[1].tolist() == [0.0, 0.0, 0.0]
+
+
 def test_sequence_memory_bound_evicts_items_from_histories():
     m = build("sequence", max_items=6)
     for w in range(1, 30):
