@@ -366,7 +366,7 @@ class SequenceModel(TableModel):
             if not (u or inc.user_id in self.users.pending):    # no row: no history either (as for BPR)
                 continue
             r, w = self.history.context(inc.user_id)
-            if w.any() and len(rows):
+            if len(rows) and w.any():
                 groups.append((r, w, rows, ws))
             if len(rows):
                 self.history.append(inc.user_id, rows, ws)
@@ -385,12 +385,22 @@ class SequenceModel(TableModel):
                 np.repeat(np.arange(len(groups), dtype=np.int32), sizes),
                 np.concatenate([items for *_, items, _ in groups]), np.concatenate([ws for *_, ws in groups]))
 
-    def _negatives(self) -> np.ndarray:
-        """``sequence_negatives`` item rows, uniform over the items that have a row now (shared by a step)."""
-        live = self.items.live_rows()
-        if len(live) == 0:
-            return np.zeros(self.cfg.sequence_negatives, np.int32)
-        return live[self._rngs["neg"].integers(0, len(live), size=self.cfg.sequence_negatives)].astype(np.int32)
+    def _negatives(self, lives: Sequence[np.ndarray | None]) -> np.ndarray:
+        """[S, sequence_negatives]: per step, item rows drawn uniformly from its ``lives[s]``, the rows that had
+        an item at that step (``items.live_rows()``, shared by the step's pairs); zeros for a step with None (no
+        pairs) or no items. Steps in a row with the same live rows draw in one call: the same numbers as one
+        call per step."""
+        M = self.cfg.sequence_negatives
+        out = np.zeros((len(lives), M), np.int32)
+        s = 0
+        while s < len(lives):
+            live, e = lives[s], s + 1
+            while e < len(lives) and lives[e] is live:
+                e += 1
+            if live is not None and len(live):
+                out[s:e] = live[self._rngs["neg"].integers(0, len(live), size=(e - s, M))]
+            s = e
+        return out
 
     def observe(self, batch: Sequence[Increment]) -> None:
         """Frozen: known users' seen items and histories grow; no new ids, no parameter change."""
@@ -417,7 +427,7 @@ class SequenceModel(TableModel):
             self.version += 1     # histories changed, so lists do, with or without a gradient step
         if not groups:
             return StepStats(0.0, 0, time.perf_counter() - started)
-        neg = self._negatives()
+        neg = self._negatives([self.items.live_rows()])[0]
         grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
         self._note_counted(grp_r, grp_w, pair_grp, items, weights)
         with tf.device(self.device):
@@ -463,17 +473,16 @@ class SequenceModel(TableModel):
         group_sizes, grp_end, pair_end, rec_end, excl_end, visible, due = [], [], [], [], [], [], []
         n_pairs = n_recs = n_excl = 0
         version, step0 = self.version, self.steps
-        no_negatives = np.zeros(self.cfg.sequence_negatives, np.int32)
         for window_end, increments, chunk, frozen, last in self.window_steps(windows, batch_size):
             step = self.steps
-            neg = no_negatives
+            live = None      # the rows this step's negatives are drawn from (None: no pairs, no negatives)
             if frozen:
                 self.observe(chunk)
             else:
                 groups = self._pairs(chunk, step, protect_from=step0)
                 self.steps += 1
                 self._grow()    # the counts must have room for this step's items before they are counted
-                neg = self._negatives() if groups else no_negatives
+                live = self.items.live_rows() if groups else None
                 if self._sync is not None:
                     self._note_counted(*self._step_arrays(groups))
                 for r, w, items, ws in groups:     # flat lists of the call's groups and pairs, stacked once below
@@ -484,7 +493,7 @@ class SequenceModel(TableModel):
                     group_sizes.append(len(items))
                     n_pairs += len(items)
                 version += bool(chunk)    # as in learn_many
-            parts["neg"].append(neg)
+            parts["neg"].append(live)
             grp_end.append(len(group_sizes))
             pair_end.append(n_pairs)
             if last:
@@ -512,7 +521,7 @@ class SequenceModel(TableModel):
                                    else np.zeros(0, dtype))
         work = _Work(stack("grp_r", np.int32, (0, L)), stack("grp_w", np.float32, (0, L)), np.asarray(grp_end, np.int32),
                      np.repeat(np.arange(len(group_sizes), dtype=np.int32), group_sizes), cat("item", np.int32),
-                     cat("weight", np.float32), np.asarray(pair_end, np.int32), np.stack(parts["neg"]).astype(np.int32),
+                     cat("weight", np.float32), np.asarray(pair_end, np.int32), self._negatives(parts["neg"]),
                      stack("list_r", np.int32, (0, L)), stack("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32),
                      cat("excl_rec", np.int32), cat("excl_item", np.int32), np.asarray(excl_end, np.int32),
                      np.asarray(visible, np.int32))
