@@ -22,6 +22,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+CONTEXTS_KEPT = 1 << 16      # users whose context is kept between asks (a bound on memory, ~25 MB at length 20)
+
 
 class UserHistory:
     """Per user: the last ``length`` item rows, weights and increment numbers (newest first)."""
@@ -36,7 +38,7 @@ class UserHistory:
         self._count: dict[str, int] = {}
         # user -> their context as :meth:`context` returns it (read-only), until their history changes: a user's
         # context is asked for before each increment (the pairs) and after it (the list), and the one after is
-        # the next one's before
+        # the next one's before. At most CONTEXTS_KEPT users' (emptied when full: a few hundred bytes per user)
         self._ctx: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._empty = self._frozen(np.zeros(length, np.int32), np.zeros(length, np.float32))
 
@@ -75,6 +77,8 @@ class UserHistory:
         age = self._count[user] - 1 - inc
         rows[: len(r)] = r
         weights[: len(r)] = w * np.power(np.float32(self.decay), age.astype(np.float32))
+        if len(self._ctx) >= CONTEXTS_KEPT:
+            self._ctx.clear()
         ctx = self._ctx[user] = self._frozen(rows, weights)
         return ctx
 

@@ -147,6 +147,17 @@ def test_history_contexts_are_kept_until_the_history_changes():
     assert h.context("u")[1].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_history_keeps_a_bounded_number_of_contexts(monkeypatch):
+    import freshet.models.history as history
+    monkeypatch.setattr(history, "CONTEXTS_KEPT", 2)
+    h = UserHistory(length=2, decay=0.5)
+    for user in ("a", "b", "c", "d", "e"):
+        h.append(user, [1], [1.0])
+        h.context(user)
+        assert len(h._ctx) <= 2
+    assert h.context("a")[0].tolist() == [1, 0]         # computed again when asked
+
+
 def test_sequence_memory_bound_evicts_items_from_histories():
     m = build("sequence", max_items=6)
     for w in range(1, 30):
