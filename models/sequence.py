@@ -374,8 +374,8 @@ class SequenceModel(TableModel):
         return groups
 
     def _step_arrays(self, groups):
-        """A step's groups and pairs as flat arrays: the groups' contexts (rows, weights [G, L]), then each pair's
-        group [P], item and weight [P]."""
+        """Groups (a step's, or a whole call's) and their pairs as flat arrays: the groups' contexts (rows, weights
+        [G, L]), then each pair's group [P], item and weight [P]."""
         L = self.cfg.history
         if not groups:
             i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -468,9 +468,8 @@ class SequenceModel(TableModel):
             return []
         self.maintain(windows[0][0])
         L = self.cfg.history
-        parts = {name: [] for name in ("grp_r", "grp_w", "item", "weight", "neg", "list_r", "list_w", "excl_rec",
-                                       "excl_item")}
-        group_sizes, grp_end, pair_end, rec_end, excl_end, visible, due = [], [], [], [], [], [], []
+        parts = {name: [] for name in ("neg", "list_r", "list_w", "excl_rec", "excl_item")}
+        all_groups, grp_end, pair_end, rec_end, excl_end, visible, due = [], [], [], [], [], [], []
         n_pairs = n_recs = n_excl = 0
         version, step0 = self.version, self.steps
         for window_end, increments, chunk, frozen, last in self.window_steps(windows, batch_size):
@@ -485,16 +484,11 @@ class SequenceModel(TableModel):
                 live = self.items.live_rows() if groups else None
                 if self._sync is not None:
                     self._note_counted(*self._step_arrays(groups))
-                for r, w, items, ws in groups:     # flat lists of the call's groups and pairs, stacked once below
-                    parts["grp_r"].append(r)
-                    parts["grp_w"].append(w)
-                    parts["item"].append(items)
-                    parts["weight"].append(ws)
-                    group_sizes.append(len(items))
-                    n_pairs += len(items)
+                all_groups += groups       # the call's groups, made arrays once below
+                n_pairs += sum(len(items) for *_, items, _ in groups)
                 version += bool(chunk)    # as in learn_many
             parts["neg"].append(live)
-            grp_end.append(len(group_sizes))
+            grp_end.append(len(all_groups))
             pair_end.append(n_pairs)
             if last:
                 users = list(dict.fromkeys(inc.user_id for inc in increments))
@@ -515,14 +509,14 @@ class SequenceModel(TableModel):
         self._grow()
         self._init_assigned()    # once for the call's new rows: the program below is the first to read them
         born = self._item_born(self.capacity(), step0)
-        stack = lambda name, dtype, shape: (np.stack(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
-                                            else np.zeros(shape, dtype))
+        stack = lambda name, dtype: (np.stack(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
+                                     else np.zeros((0, L), dtype))
         cat = lambda name, dtype: (np.concatenate(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
                                    else np.zeros(0, dtype))
-        work = _Work(stack("grp_r", np.int32, (0, L)), stack("grp_w", np.float32, (0, L)), np.asarray(grp_end, np.int32),
-                     np.repeat(np.arange(len(group_sizes), dtype=np.int32), group_sizes), cat("item", np.int32),
-                     cat("weight", np.float32), np.asarray(pair_end, np.int32), self._negatives(parts["neg"]),
-                     stack("list_r", np.int32, (0, L)), stack("list_w", np.float32, (0, L)), np.asarray(rec_end, np.int32),
+        grp_r, grp_w, pair_grp, items, weights = self._step_arrays(all_groups)
+        work = _Work(grp_r, grp_w, np.asarray(grp_end, np.int32), pair_grp, items, weights, np.asarray(pair_end, np.int32),
+                     self._negatives(parts["neg"]),
+                     stack("list_r", np.int32), stack("list_w", np.float32), np.asarray(rec_end, np.int32),
                      cat("excl_rec", np.int32), cat("excl_item", np.int32), np.asarray(excl_end, np.int32),
                      np.asarray(visible, np.int32))
         values, indices = self._run(work, born, min(k, self.capacity()))
