@@ -143,7 +143,7 @@ MAX_MEMORY_ITEMS = 46340      # the sequence model's counts: items² cells, flat
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "bpr"              # bpr: online matrix factorisation; sequence: the sequence-aware model;
+    kind: str = "sequence"         # sequence: the sequence-aware model; bpr: online matrix factorisation;
     #                                popularity / recent-popularity / transition: baselines;
     #                                echo: a no-op scorer that lists the user's own window items (benchmarks the plumbing)
     freeze_after_ms: int = 0       # > 0: stop learning at this event time (the "frozen model" baseline)
@@ -182,6 +182,9 @@ class ModelConfig:
         _require(self.kind in MODEL_KINDS, f"model.kind must be one of {'|'.join(MODEL_KINDS)}, got {self.kind!r}")
         _require(self.freeze_after_ms >= 0, "model.freeze_after_ms must be >= 0 (0: never freeze)")
         _require(self.sync_every_ms >= 0, "model.sync_every_ms must be >= 0 (0: lists use the newest parameters)")
+        _require(self.sync_every_ms == 0 or self.kind == "bpr",
+                 f"model.sync_every_ms > 0 (lists from periodically synced parameters) is built for model.kind bpr "
+                 f"only; model.kind is {self.kind}: set model.sync_every_ms to 0")
         _require(self.dim >= 1, f"model.dim must be >= 1, got {self.dim}")
         _require(self.learning_rate > 0, f"model.learning_rate must be > 0, got {self.learning_rate}")
         _require(self.negatives >= 1, f"model.negatives must be >= 1, got {self.negatives}")

@@ -13,7 +13,7 @@ most ``model.max_users`` / ``model.max_items`` rows, so memory is bounded whatev
 
 >>> from freshet.conf.settings import ModelConfig
 >>> from freshet.models.increments import Increment
->>> m = OnlineMF(ModelConfig(dim=4, initial_capacity=2, seed=1))
+>>> m = OnlineMF(ModelConfig(kind="bpr", dim=4, initial_capacity=2, seed=1))
 >>> stats = m.learn_many([Increment("u1", 60, ("a", "b"), (1.0, 2.0), (1, 1), 2),
 ...                       Increment("u2", 60, ("c",), (1.0,), (1,), 1)])
 >>> stats.pairs, m.version, m.n_users, m.n_items

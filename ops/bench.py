@@ -5,7 +5,7 @@ One run, one machine, the same data for every system:
 * ``reference``: a JVM-only job with the same source, parsing, per-user windows and sink, but no Python
   and no model (``recommender_job --reference``): what Flink itself does here;
 * ``echo``: the full job with the model replaced by a no-op scorer: the cost of the Python boundary;
-* ``full``: the full job (online BPR).
+* ``full``: the full job, with the configured model (``model.kind``, the sequence model by default).
 
 The log is replayed once, as fast as possible, into an input topic; each system then runs as its own
 bounded job process on that topic, and is measured from the outside and from its own output:
@@ -55,7 +55,7 @@ class System:
 SYSTEMS = {
     "reference": System("reference", "JVM-only: same source, parsing, windows, sink; no Python, no model", {}, True),
     "echo": System("echo", "full job with a no-op scorer: the cost of the Python boundary", {"model": {"kind": "echo"}}),
-    "full": System("full", "full Freshet job: online BPR in micro-batches", {}),
+    "full": System("full", "full Freshet job: the configured model (model.kind) learning in micro-batches", {}),
 }
 
 

@@ -30,7 +30,7 @@ def random_windows(seed, n_windows=30, n_users=25, n_items=60):
 
 @pytest.fixture
 def mcfg():
-    return ModelConfig(dim=8, initial_capacity=4, batch_size=4, negatives=4, seed=11)
+    return ModelConfig(kind="bpr", dim=8, initial_capacity=4, batch_size=4, negatives=4, seed=11)
 
 
 def test_loss_falls_when_the_same_batch_repeats(mcfg):
