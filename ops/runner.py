@@ -82,9 +82,11 @@ class DemoSummary:
     hr10: float
     ndcg10: float
     coverage: float
+    model: str
 
     def lines(self) -> list[str]:
         return [
+            f"model                {self.model:>10}  (model.kind; e.g. FRESHET_MODEL__KIND=bpr scripts/demo runs another)",
             f"events in            {self.events_in:>10,}  (replayed at {self.replay_events_per_s:,.0f} events/s)",
             f"accepted events      {self.accepted:>10,}",
             f"dead letters         {self.dead_letters:>10,}",
@@ -120,7 +122,7 @@ def demo(cfg: Config, dataset: str = "ml-100k", sample: int = 3, log=print) -> D
     accepted = len(df) - len(dead)
     out = DemoSummary(len(df), accepted, len(recs), len({r["user_id"] for r in recs}), len(dead),
                       summary.events_per_s, job_seconds, time.monotonic() - started,
-                      result.overall["HR@10"], result.overall["NDCG@10"], result.overall["coverage"])
+                      result.overall["HR@10"], result.overall["NDCG@10"], result.overall["coverage"], cfg.model.kind)
     log("\nsummary")
     for line in out.lines():
         log("  " + line)
