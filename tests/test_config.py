@@ -7,6 +7,7 @@ def test_defaults_load_and_are_typed():
     cfg = load_config(env={})
     assert cfg.kafka.input_topic == "behavior-events"
     assert cfg.model.k == 10 and isinstance(cfg.model.learning_rate, float)
+    assert cfg.model.kind == "sequence"    # the default since it beat BPR and every baseline (docs/EVALUATION.md)
     assert set(cfg.events.behaviors) == {"view", "click", "cart", "fav", "buy", "rate"}
 
 
@@ -26,6 +27,7 @@ def test_environment_overrides_any_key():
     ({"FRESHET_FLINK__CHECKPOINT_INTERVAL_MS": "0"}, "exactly-once needs checkpointing"),
     ({"FRESHET_FLINK__WATERMARK_INTERVAL_MS": "0"}, "flink.watermark_interval_ms must be >= 1"),
     ({"FRESHET_MODEL__SEQUENCE_MEMORY_ITEMS": "50000"}, "model.sequence_memory_items must be in 0..46340"),
+    ({"FRESHET_MODEL__SYNC_EVERY_MS": "600000"}, "built for model.kind bpr only; model.kind is sequence"),
 ])
 def test_bad_values_name_the_key(env, message):
     with pytest.raises(ConfigError, match=message):
