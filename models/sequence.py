@@ -482,8 +482,6 @@ class SequenceModel(TableModel):
                 self.steps += 1
                 self._grow()    # the counts must have room for this step's items before they are counted
                 live = self.items.live_rows() if groups else None
-                if self._sync is not None:
-                    self._note_counted(*self._step_arrays(groups))
                 all_groups += groups       # the call's groups, made arrays once below
                 n_pairs += sum(len(items) for *_, items, _ in groups)
                 version += bool(chunk)    # as in learn_many
@@ -514,6 +512,9 @@ class SequenceModel(TableModel):
         cat = lambda name, dtype: (np.concatenate(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
                                    else np.zeros(0, dtype))
         grp_r, grp_w, pair_grp, items, weights = self._step_arrays(all_groups)
+        # The call's counted cells for the next export, noted once: rows stay put within a call (protect_from), and
+        # the export takes the set of cells, whatever order they were noted in
+        self._note_counted(grp_r, grp_w, pair_grp, items, weights)
         work = _Work(grp_r, grp_w, np.asarray(grp_end, np.int32), pair_grp, items, weights, np.asarray(pair_end, np.int32),
                      self._negatives(parts["neg"]),
                      stack("list_r", np.int32), stack("list_w", np.float32), np.asarray(rec_end, np.int32),
