@@ -235,6 +235,7 @@ class FlinkConfig:
     replica_sync: bool = True                 # parallelism > 1: the replicas exchange their shared-model changes
     replica_sync_events: int = 0              # ... at least every this many events learned, splitting calls (0: per call)
     replica_sync_wait_ms: int = 2000          # ... before a call, waits up to this long for the others to catch up (0: never)
+    replica_sync_min_change: float = 0.0      # ... sends a shared row once a value moved more than this (0: every change)
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")
@@ -254,6 +255,8 @@ class FlinkConfig:
                  "flink.restart_max_delay_ms must be at least flink.restart_delay_ms")
         _require(self.replica_sync_events >= 0, "flink.replica_sync_events must be >= 0 (0: after every model call)")
         _require(self.replica_sync_wait_ms >= 0, "flink.replica_sync_wait_ms must be >= 0 (0: never wait)")
+        _require(0.0 <= self.replica_sync_min_change < 1.0,
+                 f"flink.replica_sync_min_change must be >= 0 and < 1 (0: send every change), got {self.replica_sync_min_change}")
         _require(self.execution_mode in ("thread", "process"), "flink.execution_mode must be thread|process")
         _require(self.checkpoint_interval_ms >= 0, "flink.checkpoint_interval_ms must be >= 0 (0 disables)")
         _require(self.state_backend in ("rocksdb", "hashmap"), "flink.state_backend must be rocksdb|hashmap")

@@ -164,7 +164,8 @@ class SyncBase:
             self.base[v.name] = base
         return base
 
-    def export(self, variables: Sequence[tuple[Var, object]], row_ids: Sequence[str | None]) -> SharedDelta:
+    def export(self, variables: Sequence[tuple[Var, object]], row_ids: Sequence[str | None],
+               min_change: float = 0.0) -> SharedDelta:
         """This replica's updates since the last export, by item id (rows that no id holds are left out).
 
         ``variables``: each shared variable with its current values; for pair counts, the (first, second)
@@ -191,7 +192,8 @@ class SyncBase:
                 delta.dense[v.name] = values - base
                 self.base[v.name] = values.copy()
                 continue
-            rows = np.flatnonzero(np.any((values[:n] != base[:n]).reshape(min(n, len(values)), -1), axis=1))
+            change = np.abs(values[:n] - base[:n]).reshape(min(n, len(values)), -1)
+            rows = np.flatnonzero(np.any(change > min_change, axis=1))
             changed[v.name] = (rows, values[rows] - base[rows])
             base[rows] = values[rows]
         ends = [r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]

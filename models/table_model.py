@@ -158,12 +158,12 @@ class TableModel(Recommender):
     def _sync_started(self) -> None:
         """A kind that tracks its own changes for the sync starts afresh (nothing by default)."""
 
-    def export_shared(self) -> SharedDelta:
+    def export_shared(self, min_change: float = 0.0) -> SharedDelta:
         """This replica's own changes of the shared variables since the last export (after :meth:`start_sync`)."""
         if self._sync is None:
             raise RuntimeError("export_shared before start_sync")
         return self._sync.export([(v, self._changed_pairs(v) if v.kind == "item_pairs" else v.var.numpy())
-                                  for v in self.variables() if v.shared], self.items.ids)
+                                  for v in self.variables() if v.shared], self.items.ids, min_change)
 
     def _changed_pairs(self, v: Var) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For pair counts ``v``: the (first, second) item rows of every cell this replica changed since its last

@@ -478,19 +478,21 @@ def test_a_replica_ahead_waits_for_the_others_progress_for_at_most_the_set_time(
     assert a.fn.shards[0].sync_wait_timeouts == 1, "b's heartbeat, not the limit, let a go on"
 
 
-@pytest.mark.parametrize("snapshot_first_call, sync_events, wait_ms, resumed", [
-    (False, 0, 0, False), (True, 0, 0, False), (True, 3, 0, False), (False, 0, 1, False), (False, 0, 0, True),
-    (True, 0, 0, True)])
+@pytest.mark.parametrize("snapshot_first_call, sync_events, wait_ms, resumed, min_change", [
+    (False, 0, 0, False, 0.0), (True, 0, 0, False, 0.0), (True, 3, 0, False, 0.0), (False, 0, 1, False, 0.0),
+    (False, 0, 0, True, 0.0), (True, 0, 0, True, 0.0), (False, 0, 0, False, 0.05), (True, 0, 0, False, 0.05)])
 def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_same_model(
-        cfg, sync_topic, snapshot_first_call, sync_events, wait_ms, resumed):
+        cfg, sync_topic, snapshot_first_call, sync_events, wait_ms, resumed, min_change):
     """Snapshot + log for a replica: the deltas it applied (read again from the topic, from the snapshot's
     positions) and the exports it made between logged calls are re-done in order, so the restored model is
     exactly the one it had, and its next export is the same delta an uninterrupted replica sends. (A replica's
     snapshot waits for its next send.) ``resumed``: restored by a new job (a savepoint), whose own exchange
     differs: the replica keeps the exchange its log belongs to, also before its first snapshot (without that,
-    a p = 2 drain through a resumed job waited in vain for the logged deltas)."""
+    a p = 2 drain through a resumed job waited in vain for the logged deltas). ``min_change``: sends hold back
+    small changes; the snapshot's send holds back none, and the redo uses each logged send's threshold."""
     since, attempt = (9000, 0) if resumed else (1000, 1)
-    job_cfg = synced_cfg(cfg, replica_sync_events=sync_events, replica_sync_wait_ms=wait_ms)
+    job_cfg = synced_cfg(cfg, replica_sync_events=sync_events, replica_sync_wait_ms=wait_ms,
+                         replica_sync_min_change=min_change)
     a, b = Subtask(job_cfg, 0), Subtask(job_cfg, 2)
     a.window(1, [["warm", "x", 1.0, 1]])        # loads a's shard; its snapshot is due at the next call or never
     a.fn.shards[0].last_snapshot = float("-inf") if snapshot_first_call else float("inf")
@@ -504,6 +506,11 @@ def test_a_restored_replica_redoes_its_logged_applies_and_sends_and_reaches_the_
         a.fn.shards[0].last_snapshot = max(a.fn.shards[0].last_snapshot, 0.0) if snapshot_first_call else float("inf")
     snapshots = len(a.rc.states["model"].by_key.get(0, FakeListState()).items)
     assert snapshots == (1 if snapshot_first_call else 0)
+    if min_change:      # the sends since the snapshot held changes back, and the log says with what threshold
+        model = a.fn.shards[0].model
+        assert any(np.any(v.var.numpy()[:len(model._sync.base[v.name])] != model._sync.base[v.name])
+                   for v in model.variables() if v.kind == "items")
+        assert [e.split()[2:] for e in a.rc.states["sync_log"].by_key[0].items if e.startswith("send")] == [[repr(min_change)]] * (1 if snapshot_first_call else 2)
     if not sync_events:
         assert a.fn.shards[0].sync.applied == {2: 1}    # b's first delta, applied after any snapshot: redone
     again, b_again = (restored(s, job_cfg, attempt, since) for s in (a, b))   # as checkpointed; the topic is Kafka's

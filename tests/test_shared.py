@@ -17,9 +17,9 @@ def split(windows, replicas: int):
             for r in range(replicas)]
 
 
-def exchange(models):
+def exchange(models, min_change: float = 0.0):
     """Every replica's changes since its last export, added to every other replica (through bytes)."""
-    blobs = [m.export_shared().to_bytes() for m in models]
+    blobs = [m.export_shared(min_change).to_bytes() for m in models]
     for r, m in enumerate(models):
         for q, blob in enumerate(blobs):
             if q != r:
@@ -76,6 +76,48 @@ def test_replicas_that_exchange_their_changes_hold_one_shared_model(kind):
     assert_same_shared(a, b)
     if kind == "bpr":       # user rows are not shared: each replica has only its own users
         assert not set(a.users.rows) & set(b.users.rows)
+
+
+def max_shared_gap(a, b) -> float:
+    """The largest difference of one shared value (item rows and dense) between two replicas (items both know)."""
+    sa, sb = shared_by_id(a), shared_by_id(b)
+    gaps = [0.0]
+    for name, v in sa.items():
+        if isinstance(v, dict) and name not in ("transitions",):
+            gaps += [float(np.max(np.abs(v[i] - sb[name][i]))) for i in v.keys() & sb[name].keys()]
+        elif not isinstance(v, dict):
+            gaps.append(float(np.max(np.abs(v - sb[name]))))
+    return max(gaps)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_min_change_sends_fewer_rows_keeps_the_replicas_close_and_loses_nothing(kind):
+    """With ``replica_sync_min_change`` a row goes out only once a value of it moved more than that: the deltas
+    hold fewer rows, the replicas differ by at most the threshold per value and replica (what each still holds
+    back), and a send of every change (as before every snapshot) makes them one model again."""
+    windows = random_windows(5, n_windows=24, n_users=20, n_items=40)
+    eps = 2e-3
+    runs = {}
+    for threshold in (0.0, eps):
+        models = [build(kind), build(kind)]
+        for m in models:
+            m.start_sync()
+        parts, rows_sent = split(windows, 2), 0
+        for j in range(0, len(windows), 6):
+            for m, part in zip(models, parts):
+                m.learn_windows(part[j:j + 6], 4, 5)
+            deltas = [m.export_shared(threshold) for m in models]
+            rows_sent += sum(len(at) for d in deltas for at, _ in d.rows.values())
+            for r, m in enumerate(models):
+                m.apply_shared(SharedDelta.from_bytes(deltas[1 - r].to_bytes()))
+        runs[threshold] = (models, rows_sent)
+    (exact, sent_all), (close, sent_some) = runs[0.0], runs[eps]
+    assert sent_some < sent_all
+    assert_same_shared(*exact)
+    gap = max_shared_gap(*close)
+    assert 0 < gap <= 2 * eps + 1e-5          # each replica holds back at most eps of each value
+    exchange(close)                            # every change goes out
+    assert_same_shared(*close)
 
 
 @pytest.mark.parametrize("kind", KINDS)

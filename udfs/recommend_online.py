@@ -135,6 +135,7 @@ class Shard:
         self.sync_lag_ms: list[float] = []          # sent -> applied, of the deltas applied since the last metrics
         self.watermark = -1                         # of the timer being handled
         self.sync_target: int | None = None         # its progress at its last send: the others' to wait for
+        self.sync_flushed = True                    # its last send sent every change (replica_sync_min_change)
         self.heartbeat: int | None = None           # its timer at the next window end after the watermark
         self.sync_wait_s = 0.0                      # waited for it since (re)start
         self.sync_wait_timeouts = 0
@@ -226,8 +227,11 @@ class RecommendOnline(KeyedProcessFunction):
         shard.closed_at = {end: shard.window_rows.pop(end, (0, ""))[0] for end, _ in closed}
         return closed
 
+    def _snapshot_due(self, shard: Shard) -> bool:
+        return time.monotonic() - shard.last_snapshot >= self.cfg.flink.model_snapshot_interval_ms / 1000
+
     def _snapshot_if_due(self, shard: Shard) -> None:
-        if time.monotonic() - shard.last_snapshot < self.cfg.flink.model_snapshot_interval_ms / 1000:
+        if not self._snapshot_due(shard):
             return
         if not self._replica_snapshot(shard):
             return
@@ -567,7 +571,7 @@ class RecommendOnlineSynced(RecommendOnline):
     def _send_seed(self, shard: Shard) -> None:
         """A rescale: new replicas take over some of this one's users and start from a copy of it. A send first
         (logged like any), so the model is its sync base and the copy's own deltas start from zero."""
-        self._send(shard, shard.restored_upto, shard.restored_upto)
+        self._send(shard, shard.restored_upto, shard.restored_upto, flush=True)
         positions = self.inboxes[shard.key].positions(self.feed.positions())
         for text in seed_records(shard.sync, positions, shard.model.to_bytes()):
             self.sender.send(str(shard.key), text)
@@ -633,8 +637,10 @@ class RecommendOnlineSynced(RecommendOnline):
             if step[0] == "apply":
                 rec = self._await(shard, int(step[2]), int(step[3]))
                 shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
-            else:
-                if self._sends(shard.model.export_shared()):
+            else:       # "send <call> [<min_change>]": the threshold it exported with (none logged before stop 33: 0)
+                min_change = float(step[2]) if len(step) > 2 else 0.0
+                shard.sync_flushed = not min_change
+                if self._sends(shard.model.export_shared(min_change)):
                     shard.sync.sent += 1
                 shard.sync.unsent_events = 0
 
@@ -725,12 +731,19 @@ class RecommendOnlineSynced(RecommendOnline):
         if self.cfg.flink.replica_sync_wait_ms and (shard.sync_target is None or progress > shard.sync_target):
             self._send(shard, progress, progress)
 
-    def _send(self, shard: Shard, upto: int, progress: int) -> None:
+    def _send(self, shard: Shard, upto: int, progress: int, flush: bool = False) -> None:
         """Export this replica's changes since its last send and send them as its next sync record (logged for
-        a restore; the send returns once the broker has it)."""
-        self.sync_log.add(f"send {shard.logged_calls}")
+        a restore, with the threshold it used; the send returns once the broker has it).
+
+        With ``flink.replica_sync_min_change`` > 0 a row goes out once one of its values moved more than that
+        since it last went out; the rest waits in the difference to the sync base. A send before a snapshot
+        (or a seed: ``flush``) sends every change, so that a snapshot's model is its sync base, as a restore
+        assumes."""
+        min_change = 0.0 if flush or self._snapshot_due(shard) else self.cfg.flink.replica_sync_min_change
+        self.sync_log.add(f"send {shard.logged_calls} {min_change!r}" if min_change else f"send {shard.logged_calls}")
         shard.sync.unsent_events = 0
-        delta = shard.model.export_shared()
+        shard.sync_flushed = not min_change
+        delta = shard.model.export_shared(min_change)
         if not self._sends(delta):
             return
         shard.sync_target = progress
@@ -752,8 +765,9 @@ class RecommendOnlineSynced(RecommendOnline):
             shard.heartbeat = beat
 
     def _replica_snapshot(self, shard: Shard) -> bool:
-        """Only right after a send (the sync base is then the model), with the ReplicaState beside it."""
-        if shard.sync.unsent_events:
+        """Only right after a send of every change (the sync base is then the model), with the ReplicaState
+        beside it."""
+        if shard.sync.unsent_events or not shard.sync_flushed:
             return False
         shard.sync.positions = self.inboxes[shard.key].positions(self.feed.positions())
         self.sync_meta.clear()
