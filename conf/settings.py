@@ -235,7 +235,7 @@ class FlinkConfig:
     replica_sync: bool = True                 # parallelism > 1: the replicas exchange their shared-model changes
     replica_sync_events: int = 0              # ... at least every this many events learned, splitting calls (0: per call)
     replica_sync_wait_ms: int = 2000          # ... before a call, waits up to this long for the others to catch up (0: never)
-    replica_sync_min_change: float = 0.0      # ... sends a shared row once a value moved more than this (0: every change)
+    replica_sync_min_change: float = 0.001    # ... sends a shared row once a value moved more than this (0: every change)
 
     def __post_init__(self):
         _require(self.parallelism >= 1, "flink.parallelism must be >= 1")

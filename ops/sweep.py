@@ -141,6 +141,7 @@ def sweep(cfg: Config, dataset: str, parallelisms: list[int], out_dir: Path, eve
                          "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms,
                          "watermark_interval_ms": cfg.flink.watermark_interval_ms,
                          "model_call_interval_ms": cfg.flink.model_call_interval_ms,
+                         "replica_sync_min_change": cfg.flink.replica_sync_min_change,
                          "python_execution_mode": cfg.flink.execution_mode, "window_ms": cfg.window.size_ms},
               "runs": {}}
     try:
@@ -201,7 +202,9 @@ def markdown(report: dict) -> str:
     lines = [f"Parallelism sweep, dataset **{report['dataset']}** ({report['events']:,} events), model "
              f"{c['model']}, a standalone cluster of p TaskManagers of one slot each; watermark every "
              f"{c.get('watermark_interval_ms', 200)} ms, model calls at most every {c.get('model_call_interval_ms', 0)} ms "
-             f"(0: per watermark). Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB.", "",
+             f"(0: per watermark), shared rows sent once a value moved more than "
+             f"{c.get('replica_sync_min_change', 0.0):g} (`flink.replica_sync_min_change`; 0: every change). "
+             f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB.", "",
              "| p | HR@10 (vs p = 1) | events/s | CPU ms / 1k events (job) | model-operator CPU ms / 1k events "
              "(summed) | ... after start-up (start-up CPU s per subtask) | model-operator CPU s per subtask (sync clients) | "
              "model-call wall s per subtask | "
