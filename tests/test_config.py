@@ -28,6 +28,7 @@ def test_environment_overrides_any_key():
     ({"FRESHET_FLINK__WATERMARK_INTERVAL_MS": "0"}, "flink.watermark_interval_ms must be >= 1"),
     ({"FRESHET_MODEL__SEQUENCE_MEMORY_ITEMS": "50000"}, "model.sequence_memory_items must be in 0..46340"),
     ({"FRESHET_MODEL__SYNC_EVERY_MS": "600000"}, "built for model.kind bpr only; model.kind is sequence"),
+    ({"FRESHET_FLINK__REPLICA_SYNC_MIN_CHANGE": "-0.001"}, "flink.replica_sync_min_change must be >= 0"),
 ])
 def test_bad_values_name_the_key(env, message):
     with pytest.raises(ConfigError, match=message):
