@@ -170,7 +170,9 @@ class SyncBase:
 
         ``variables``: each shared variable with its current values; for pair counts, the (first, second)
         item rows of the cells changed since the last export and their values now (the counts are items^2
-        floats: the model tracks what it counted rather than have them compared whole).
+        floats: the model tracks what it counted rather than have them compared whole). ``min_change`` > 0: a
+        row of an item-row variable goes out only once one of its values moved more than that since it last
+        went out; the rest stays in the difference to the base, for a later export (counts and dense always go).
         """
         n = len(row_ids)
         held = np.asarray([r is not None for r in row_ids], bool)
