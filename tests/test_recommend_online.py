@@ -363,9 +363,10 @@ def sync_topic(monkeypatch):
 
 
 def synced_cfg(cfg, **flink):
+    """Two replicas of a small BPR model that send every change (the tests with a threshold set one)."""
     return cfg.replace(model={"kind": "bpr", "dim": 8, "negatives": 4, "batch_size": 4, "initial_capacity": 64},
                        flink={"parallelism": 2, "replica_sync": True, "model_snapshot_interval_ms": 3_600_000,
-                              "replica_sync_wait_ms": 0, **flink})
+                              "replica_sync_wait_ms": 0, "replica_sync_min_change": 0.0, **flink})
 
 
 class Subtask:
