@@ -638,9 +638,7 @@ class RecommendOnlineSynced(RecommendOnline):
                 rec = self._await(shard, int(step[2]), int(step[3]))
                 shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
             else:       # "send <call> [<min_change>]": the threshold it exported with (none logged before stop 33: 0)
-                min_change = float(step[2]) if len(step) > 2 else 0.0
-                shard.sync_flushed = not min_change
-                if self._sends(shard.model.export_shared(min_change)):
+                if self._sends(self._export(shard, float(step[2]) if len(step) > 2 else 0.0)):
                     shard.sync.sent += 1
                 shard.sync.unsent_events = 0
 
@@ -731,6 +729,12 @@ class RecommendOnlineSynced(RecommendOnline):
         if self.cfg.flink.replica_sync_wait_ms and (shard.sync_target is None or progress > shard.sync_target):
             self._send(shard, progress, progress)
 
+    @staticmethod
+    def _export(shard: Shard, min_change: float):
+        """The shard's changes since its last export (holding back those up to ``min_change``), sent or redone."""
+        shard.sync_flushed = not min_change
+        return shard.model.export_shared(min_change)
+
     def _send(self, shard: Shard, upto: int, progress: int, flush: bool = False) -> None:
         """Export this replica's changes since its last send and send them as its next sync record (logged for
         a restore, with the threshold it used; the send returns once the broker has it).
@@ -742,8 +746,7 @@ class RecommendOnlineSynced(RecommendOnline):
         min_change = 0.0 if flush or self._snapshot_due(shard) else self.cfg.flink.replica_sync_min_change
         self.sync_log.add(f"send {shard.logged_calls} {min_change!r}" if min_change else f"send {shard.logged_calls}")
         shard.sync.unsent_events = 0
-        shard.sync_flushed = not min_change
-        delta = shard.model.export_shared(min_change)
+        delta = self._export(shard, min_change)
         if not self._sends(delta):
             return
         shard.sync_target = progress
