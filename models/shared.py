@@ -34,6 +34,7 @@ import numpy as np
 SYNCED_KINDS = ("bpr", "sequence")
 ROWS_OF = ("items", "users")
 KINDS = ("items", "users", "dense", "item_pairs")
+DELTA_MAGIC = b"FSD1"      # a delta's bytes (SharedDelta.to_bytes) begin with this
 
 
 class Var(NamedTuple):
@@ -86,8 +87,10 @@ class SharedDelta:
                 and not any(np.any(v) for v in self.dense.values()))
 
     def to_bytes(self) -> bytes:
-        """Named arrays in an ``.npz`` (no pickles), as the sync topic carries them: the ids as their UTF-8 bytes and
-        where each ends; not compressed here (the sync topic's producer compresses with lz4, in librdkafka's thread)."""
+        """Named arrays as the sync topic carries them (no pickles): ``FSD1``, a line of JSON naming each array's
+        key, dtype and shape (padded to 8 bytes), then their bytes in that order, each padded to 8 bytes. The ids are their UTF-8
+        bytes and where each ends. Not compressed here (the sync topic's producer compresses with lz4, in
+        librdkafka's thread)."""
         encoded = [i.encode() for i in self.ids]
         arrays = {"ids.utf8": np.frombuffer(b"".join(encoded), np.uint8),
                   "ids.ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
@@ -98,16 +101,19 @@ class SharedDelta:
         for name, (first, second, values) in self.pairs.items():
             arrays[f"pairs.{name}.first"], arrays[f"pairs.{name}.second"] = first, second
             arrays[f"pairs.{name}.values"] = values
-        buf = io.BytesIO()
-        # Deflated at level 1 until stop 27: zlib took 10 % of a p = 2 BPR replica's thread and its inflate 2.5 %
-        # (py-spy, ML-1M), a third of the sync's cost; ids as fixed-width unicode arrays (4 bytes a character) were
-        # most of what it saved.
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        # An .npz until stop 34: its zip members took 5x the time to write and read (a sequence replica's sync
+        # on ML-1M), and before that deflated (stop 27). Both are still read (deltas on the topic from before).
+        header = json.dumps([[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()], separators=(",", ":"))
+        header = header.encode() + b" " * (-(len(DELTA_MAGIC) + len(header) + 1) % 8)    # the arrays 8-aligned
+        parts = [DELTA_MAGIC, header, b"\n"]
+        for v in arrays.values():
+            parts += [v.tobytes(), b"\0" * (-v.nbytes % 8)]
+        return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SharedDelta":
-        """The delta :meth:`to_bytes` wrote.
+        """The delta :meth:`to_bytes` wrote (or an earlier version's ``.npz``, deflated or not).
 
         >>> d = SharedDelta(["a", "b"], {"E": (np.array([1]), np.ones((1, 2), np.float32))}, {"theta": np.ones(1)},
         ...                 {"T": (np.array([0]), np.array([1]), np.array([2.0], np.float32))})
@@ -117,24 +123,41 @@ class SharedDelta:
         []
         >>> SharedDelta.from_bytes(SharedDelta(["", "é\\nx", "z"], {}, {}).to_bytes()).ids
         ['', 'é\\nx', 'z']
+        >>> old = io.BytesIO(); np.savez(old, **{"ids": np.array(["a"]), "rows.E.at": np.array([0]),
+        ...                                      "rows.E.values": np.ones((1, 2), np.float32)})
+        >>> [SharedDelta.from_bytes(b).rows["E"][1].tolist() for b in (old.getvalue(), zlib.compress(old.getvalue()))]
+        [[[1.0, 1.0]], [[1.0, 1.0]]]
         """
+        if data.startswith(DELTA_MAGIC):
+            head_end = data.index(b"\n", len(DELTA_MAGIC))
+            z, offset = {}, head_end + 1
+            for key, dtype, shape in json.loads(data[len(DELTA_MAGIC):head_end]):
+                count = int(np.prod(shape, dtype=np.int64))
+                z[key] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+                size = count * np.dtype(dtype).itemsize
+                offset += size + -size % 8
+            return cls._from_arrays(z)
         if not data.startswith(b"PK"):      # deflated: written by an earlier version's job (on the sync topic still)
             data = zlib.decompress(data)
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if "ids.utf8" in z.files:
-                text, ends = z["ids.utf8"].tobytes(), z["ids.ends"].tolist()
-                out = cls([text[a:b].decode() for a, b in zip([0] + ends, ends)])
-            else:
-                out = cls([str(i) for i in z["ids"]])
-            for key in z.files:
-                part, _, rest = key.partition(".")
-                name, _, leaf = rest.rpartition(".") if part != "dense" else (rest, "", "")
-                if part == "rows" and leaf == "at":
-                    out.rows[name] = (z[key], z[f"rows.{name}.values"])
-                elif part == "dense":
-                    out.dense[name] = z[key]
-                elif part == "pairs" and leaf == "first":
-                    out.pairs[name] = (z[key], z[f"pairs.{name}.second"], z[f"pairs.{name}.values"])
+            return cls._from_arrays({key: z[key] for key in z.files})
+
+    @classmethod
+    def _from_arrays(cls, z: dict[str, np.ndarray]) -> "SharedDelta":
+        if "ids.utf8" in z:
+            text, ends = z["ids.utf8"].tobytes(), z["ids.ends"].tolist()
+            out = cls([text[a:b].decode() for a, b in zip([0] + ends, ends)])
+        else:
+            out = cls([str(i) for i in z["ids"]])
+        for key in z:
+            part, _, rest = key.partition(".")
+            name, _, leaf = rest.rpartition(".") if part != "dense" else (rest, "", "")
+            if part == "rows" and leaf == "at":
+                out.rows[name] = (z[key], z[f"rows.{name}.values"])
+            elif part == "dense":
+                out.dense[name] = z[key]
+            elif part == "pairs" and leaf == "first":
+                out.pairs[name] = (z[key], z[f"pairs.{name}.second"], z[f"pairs.{name}.values"])
         return out
 
 
@@ -148,6 +171,38 @@ class SyncBase:
 
     def __init__(self, variables: Sequence[tuple[Var, np.ndarray]]):
         self.base = {v.name: np.array(values, np.float32) for v, values in variables}
+        # Item-row variables whose changed rows the model reports (:meth:`touch`), each with a mask of its rows that
+        # may have changed since the last export (touched, or held back by it): an export reads and compares only
+        # those. The others are read and compared whole.
+        self.dirty: dict[str, np.ndarray] = {}
+
+    def track(self, names: Sequence[str]) -> None:
+        """From now on the model reports every row of the item-row variables ``names`` that it changes."""
+        for name in names:
+            self.dirty.setdefault(name, np.zeros(0, bool))
+
+    def touch(self, names: Sequence[str], rows) -> None:
+        """Rows of the tracked variables ``names`` that may have changed since the last export."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if not len(rows):
+            return
+        for name in names:
+            mask = self.dirty[name]
+            if len(mask) <= rows.max():
+                mask = self.dirty[name] = np.concatenate([mask, np.zeros(max(int(rows.max()) + 1, 2 * len(mask))
+                                                                         - len(mask), bool)])
+            mask[rows] = True
+
+    def read(self, v: Var) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """What :meth:`export` compares of the item-row variable ``v``: its values, or when it is tracked the rows
+        that may have changed since the last export and their values (read from the variable at those rows)."""
+        mask = self.dirty.get(v.name)
+        if mask is None:
+            return v.var.numpy()
+        rows = np.flatnonzero(mask[: int(v.var.shape[0])])
+        mask[:] = False
+        return rows, (v.var.sparse_read(rows).numpy() if len(rows) else
+                      np.zeros((0,) + tuple(v.var.shape[1:]), np.float32))
 
     def fit(self, v: Var, shape: Sequence[int]) -> np.ndarray:
         """The base of ``v``, grown as the variable grew to ``shape`` (pair counts as an ``[m, m]`` matrix)."""
@@ -168,14 +223,14 @@ class SyncBase:
                min_change: float = 0.0) -> SharedDelta:
         """This replica's updates since the last export, by item id (rows that no id holds are left out).
 
-        ``variables``: each shared variable with its current values; for pair counts, the (first, second)
-        item rows of the cells changed since the last export and their values now (the counts are items^2
-        floats: the model tracks what it counted rather than have them compared whole). ``min_change`` > 0: a
-        row of an item-row variable goes out only once one of its values moved more than that since it last
-        went out; the rest stays in the difference to the base, for a later export (counts and dense always go).
+        ``variables``: each shared variable with its current values (item rows: what :meth:`read` returns, all
+        of them or only the rows that may have changed); for pair counts, the (first, second) item rows of the
+        cells changed since the last export and their values now (the counts are items^2 floats: the model
+        tracks what it counted rather than have them compared whole). ``min_change`` > 0: a row of an item-row
+        variable goes out only once one of its values moved more than that since it last went out; the rest
+        stays in the difference to the base, for a later export (counts and dense always go).
         """
         n = len(row_ids)
-        held = np.asarray([r is not None for r in row_ids], bool)
         delta, changed, pairs = SharedDelta(), {}, {}
         for v, values in variables:
             if v.kind == "item_pairs":
@@ -188,20 +243,31 @@ class SyncBase:
                 moved = change != 0
                 pairs[v.name] = (first[moved].astype(np.int64), second[moved].astype(np.int64), change[moved])
                 continue
-            values = np.asarray(values, np.float32)
-            base = self.fit(v, values.shape)
             if v.kind == "dense":
+                values = np.asarray(values, np.float32)
+                base = self.fit(v, values.shape)
                 delta.dense[v.name] = values - base
                 self.base[v.name] = values.copy()
                 continue
-            change = np.abs(values[:n] - base[:n]).reshape(min(n, len(values)), -1)
-            rows = np.flatnonzero(np.any(change > min_change, axis=1))
-            changed[v.name] = (rows, values[rows] - base[rows])
-            base[rows] = values[rows]
+            base = self.fit(v, v.var.shape)
+            if isinstance(values, tuple):          # the rows that may have changed (tracked), and their values
+                at, values = values
+                inside = at < n
+                at, values = at[inside], np.asarray(values, np.float32)[inside]
+            else:
+                values = np.asarray(values, np.float32)[:n]
+                at = np.arange(len(values))
+            change = np.abs(values - base[at]).reshape(len(at), int(np.prod(base.shape[1:], dtype=np.int64)))
+            out = np.any(change > min_change, axis=1)
+            if v.name in self.dirty:               # held back: compared again at the next export
+                self.touch([v.name], at[~out & np.any(change > 0, axis=1)])
+            rows, values = at[out], values[out]
+            changed[v.name] = (rows, values - base[rows])
+            base[rows] = values
         ends = [r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]
         rows = np.unique(np.concatenate(ends + [np.zeros(0, np.int64)])).astype(np.int64)
         rows = rows[rows < n]
-        rows = rows[held[rows]]                             # rows that no id holds are never sent
+        rows = rows[np.fromiter((row_ids[r] is not None for r in rows.tolist()), bool, len(rows))]  # no id: never sent
         position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
         position[rows] = np.arange(len(rows))
         delta.ids = [str(row_ids[r]) for r in rows.tolist()]
@@ -222,7 +288,9 @@ class SyncBase:
         base = self.fit(v, v.var.shape)
         if at is None:
             base += values
-        else:
+        elif len(np.unique(at)) == len(at):     # as a rule (a delta has each id once): 8x np.add.at's speed
+            base[at] += values
+        else:                                   # two ids on one row (evicted for the other while applying)
             np.add.at(base, at, values)
 
     def forget(self, v: Var, rows: Sequence[int]) -> None:
