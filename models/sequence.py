@@ -22,7 +22,9 @@ logit equally; sampled copies of the positive are masked). One sparse Adagrad st
 touches only the gathered rows.
 
 Variables, and whom they belong to (what a parallel model needs to know): ``E_in``, ``E_out``, ``b``,
-``theta``, their Adagrad accumulators and the transition counts are **shared** (item rows); the **per-user** state is the history and
+``theta`` and the transition counts are **shared** (item rows); their Adagrad accumulators are each replica's
+own (**local**: a replica sizes its steps by its own gradients; synced as well until stop 34, they were 40 % of
+the sync's bytes and time for no better HR@10, docs/PERFORMANCE.md); the **per-user** state is the history and
 the seen-item set, which are data, not parameters: a user's list needs no per-user training.
 
 Tables grow as new items arrive (:class:`~freshet.models.id_table.IdTable`: admission, expiry and a
@@ -73,8 +75,8 @@ FLOAT16_MAX = 65504.0
 BLOCKS = tuple(b for b in PAIR_BLOCKS if b <= 64)
 GROUP_BLOCKS = (1, 2, 4, 16, BLOCKS[-1])
 # The item-row variables a step changes at its contexts' rows, and at its items' and negatives' rows.
-CONTEXT_SIDE = ("item_context_emb", "adagrad_0", "transitions_out")
-OUTPUT_SIDE = ("item_emb", "item_bias", "adagrad_1", "adagrad_2")
+CONTEXT_SIDE = ("item_context_emb", "transitions_out")
+OUTPUT_SIDE = ("item_emb", "item_bias")
 
 
 class _Work(NamedTuple):
@@ -136,9 +138,10 @@ class SequenceModel(TableModel):
         names = ("adagrad_0", "adagrad_1", "adagrad_2")
         return [Var("item_context_emb", self.E_in, "items", 0.0, INIT_STD),
                 Var("item_emb", self.E_out, "items", 0.0, INIT_STD), Var("item_bias", self.b, "items"),
-                *(Var(n, a, "items", ADAGRAD_INIT) for n, a in zip(names, self.acc)),
+                *(Var(n, a, "items", ADAGRAD_INIT, local=True) for n, a in zip(names, self.acc)),
                 Var("transitions", self.T, "item_pairs"), Var("transitions_out", self.T_out, "items"),
-                Var("memory_weight", self.theta, "dense"), Var("adagrad_memory_weight", self.acc_theta, "dense")]
+                Var("memory_weight", self.theta, "dense"),
+                Var("adagrad_memory_weight", self.acc_theta, "dense", local=True)]
 
     def _sync_started(self) -> None:
         self._counted: list[np.ndarray] = []     # [2, n] (context row, item row) counted since the last export

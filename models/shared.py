@@ -34,24 +34,27 @@ import numpy as np
 SYNCED_KINDS = ("bpr", "sequence")
 ROWS_OF = ("items", "users")
 KINDS = ("items", "users", "dense", "item_pairs")
-DELTA_MAGIC = b"FSD1"      # a delta's bytes (SharedDelta.to_bytes) begin with this
+DELTA_MAGIC = b"#FSD1"     # a delta's bytes (SharedDelta.to_bytes) begin with this ("#": never base64 text)
 
 
 class Var(NamedTuple):
     """One variable of a model: ``kind`` says whose it is (item rows, user rows, dense, item-pair counts).
 
     Rows of a table that no id holds have the value ``fill``; a row handed to an id starts at ``fill``,
-    or with ``std > 0`` at N(0, std) drawn from (seed, ``name``, id), the same on every replica.
+    or with ``std > 0`` at N(0, std) drawn from (seed, ``name``, id), the same on every replica. ``local``: item
+    rows or a dense tensor that each replica keeps to itself, never synced: an optimizer's state (Adagrad's
+    accumulators), so that each replica sizes its steps by the gradients it computes itself.
     """
     name: str
-    var: object            # a tf.Variable (models/ never needs more than .numpy() and the scatters)
+    var: object            # a tf.Variable (models/ never needs more than .numpy(), sparse_read and the scatters)
     kind: str
     fill: float = 0.0
     std: float = 0.0
+    local: bool = False
 
     @property
     def shared(self) -> bool:
-        return self.kind != "users"
+        return self.kind != "users" and not self.local
 
 
 def id_rows(seed: int, name: str, ids: Sequence[str], tail: Sequence[int], fill: float, std: float) -> np.ndarray:
@@ -87,7 +90,7 @@ class SharedDelta:
                 and not any(np.any(v) for v in self.dense.values()))
 
     def to_bytes(self) -> bytes:
-        """Named arrays as the sync topic carries them (no pickles): ``FSD1``, a line of JSON naming each array's
+        """Named arrays as the sync topic carries them (no pickles): ``#FSD1``, a line of JSON naming each array's
         key, dtype and shape (padded to 8 bytes), then their bytes in that order, each padded to 8 bytes. The ids are their UTF-8
         bytes and where each ends. Not compressed here (the sync topic's producer compresses with lz4, in
         librdkafka's thread)."""
@@ -182,12 +185,15 @@ class SyncBase:
             self.dirty.setdefault(name, np.zeros(0, bool))
 
     def touch(self, names: Sequence[str], rows) -> None:
-        """Rows of the tracked variables ``names`` that may have changed since the last export."""
+        """Rows of the variables ``names`` that may have changed since the last export (untracked ones: compared
+        whole anyway)."""
         rows = np.asarray(rows, np.int64).reshape(-1)
         if not len(rows):
             return
         for name in names:
-            mask = self.dirty[name]
+            mask = self.dirty.get(name)
+            if mask is None:
+                continue
             if len(mask) <= rows.max():
                 mask = self.dirty[name] = np.concatenate([mask, np.zeros(max(int(rows.max()) + 1, 2 * len(mask))
                                                                          - len(mask), bool)])
@@ -264,9 +270,10 @@ class SyncBase:
             rows, values = at[out], values[out]
             changed[v.name] = (rows, values - base[rows])
             base[rows] = values
-        ends = [r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]
-        rows = np.unique(np.concatenate(ends + [np.zeros(0, np.int64)])).astype(np.int64)
-        rows = rows[rows < n]
+        sent = np.zeros(n, bool)                            # rows with a change that goes out (a mask: no sort)
+        for at in [r for r, _ in changed.values()] + [a for p in pairs.values() for a in p[:2]]:
+            sent[at[at < n]] = True
+        rows = np.flatnonzero(sent)
         rows = rows[np.fromiter((row_ids[r] is not None for r in rows.tolist()), bool, len(rows))]  # no id: never sent
         position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
         position[rows] = np.arange(len(rows))
@@ -318,8 +325,9 @@ def parse_life(text: str) -> tuple[int, int]:
 
 
 class SyncRecord(NamedTuple):
-    """One delta of a replica as it travels on the sync topic, one text record:
-    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <life> <base> <base64 of the npz>``. ``run``: the
+    """One delta of a replica as it travels on the sync topic, one record: a line of text and the delta's bytes,
+    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <life> <base> <delta>`` (:meth:`SharedDelta.to_bytes`;
+    base64 text of an npz until stop 34, still read). ``run``: the
     exchange it belongs to (replicas started from scratch together share one); ``upto``: the last
     ``window_end`` the sender had learned, so the delta holds events before it only; ``progress``: the sender
     has learned every window of its own that ends before it (its watermark, for the last call of a timer);
@@ -334,20 +342,24 @@ class SyncRecord(NamedTuple):
     progress: int
     life: tuple[int, int]
     base: int
-    text: str
+    data: bytes
 
     @classmethod
-    def parse(cls, text: str) -> "SyncRecord":
-        run, sender, seq, sent_at, upto, progress, life, base, _ = text.split(" ", 8)
-        return cls(run, int(sender), int(seq), int(sent_at), int(upto), int(progress), parse_life(life), int(base),
-                   text)
+    def parse(cls, data: bytes | str) -> "SyncRecord":
+        data = data.encode() if isinstance(data, str) else data
+        run, sender, seq, sent_at, upto, progress, life, base, _ = data.split(b" ", 8)
+        return cls(run.decode(), int(sender), int(seq), int(sent_at), int(upto), int(progress),
+                   parse_life(life.decode()), int(base), data)
 
     @property
     def marker(self) -> bool:
         return self.seq == self.base
 
     def payload(self) -> bytes:
-        return base64.b64decode(self.text.split(" ", 8)[8])
+        """The delta's bytes. Carried as they are since stop 34: base64 cost the sender and every reader 1-2 ms a
+        delta (ML-1M, sequence, p = 2) and a third more bytes; an earlier version's record holds base64 text."""
+        body = self.data.split(b" ", 8)[8]
+        return body if body.startswith(DELTA_MAGIC) else base64.b64decode(body)
 
 
 @dataclass
@@ -361,9 +373,11 @@ class ReplicaState:
     >>> r = ReplicaState(own=2, run="r1"); opening = SyncRecord.parse(r.begin((7, 1), 900))
     >>> opening.marker, opening.life, opening.base
     (True, (7, 1), 0)
-    >>> rec = SyncRecord.parse(r.record(b"npz", 1000, upto=60000))
+    >>> rec = SyncRecord.parse(r.record(DELTA_MAGIC + b" delta", 1000, upto=60000))
     >>> r.sent, rec.sender, rec.seq, rec.sent_at, rec.upto, rec.life, rec.base, rec.marker, rec.payload()
-    (1, 2, 1, 1000, 60000, (7, 1), 0, False, b'npz')
+    (1, 2, 1, 1000, 60000, (7, 1), 0, False, b'#FSD1 delta')
+    >>> SyncRecord.parse("r1 2 1 1000 60000 60000 7.1 0 " + base64.b64encode(b"PK old").decode()).payload()
+    b'PK old'
     >>> ReplicaState.from_text(r.to_text()).sent == r.sent
     True
     """
@@ -376,19 +390,19 @@ class ReplicaState:
     life: tuple[int, int] = (0, 0)
     base: int = 0
 
-    def begin(self, life: tuple[int, int], now_ms: int) -> str:
+    def begin(self, life: tuple[int, int], now_ms: int) -> bytes:
         """Start ``life`` from the deltas sent so far; returns the marker that tells the others so."""
         self.life, self.base = tuple(life), self.sent
         return self._text(self.sent, now_ms, 0, 0, b"")
 
-    def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> str:
+    def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> bytes:
         """The next delta of this replica as a sync record (numbered in sequence from 1)."""
         self.sent += 1
         return self._text(self.sent, now_ms, upto, upto if progress is None else progress, delta)
 
-    def _text(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> str:
+    def _text(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> bytes:
         return (f"{self.run} {self.own} {seq} {int(now_ms)} {int(upto)} {int(progress)} "
-                f"{self.life[0]}.{self.life[1]} {self.base} {base64.b64encode(delta).decode('ascii')}")
+                f"{self.life[0]}.{self.life[1]} {self.base} ").encode() + delta
 
     def to_text(self) -> str:
         return json.dumps({"own": self.own, "run": self.run, "sent": self.sent, "unsent_events": self.unsent_events,
@@ -433,10 +447,10 @@ class SyncInbox:
         self.progress: dict[int, int] = {}     # sender -> the highest progress read of it in this life
         self.bases: dict[int, int] = {}        # sender -> the count it began this life (or a later one) with
 
-    def add(self, partition: int, offset: int, text: str) -> SyncRecord | None:
+    def add(self, partition: int, offset: int, record: bytes | str) -> SyncRecord | None:
         """Keep a record read at ``partition``/``offset`` (returned) unless it is not for this replica, a copy,
         a marker or void."""
-        rec = SyncRecord.parse(text)
+        rec = SyncRecord.parse(record)
         if rec.run != self.state.run or rec.sender == self.state.own:
             return None
         current = rec.life >= self.state.life
@@ -520,8 +534,8 @@ def seed_records(source: ReplicaState, positions: dict[int, int], model: bytes,
     return [f"seed {source.own} {source.life[0]}.{source.life[1]} {i} {len(parts)} {part}" for i, part in enumerate(parts)]
 
 
-def is_seed(text: str) -> bool:
-    return text.startswith("seed ")
+def is_seed(record: bytes | str) -> bool:
+    return record[:5] in (b"seed ", "seed ")
 
 
 class SeedParts:
