@@ -158,8 +158,8 @@ class TableModel(Recommender):
     def _sync_started(self) -> None:
         """A kind that tracks its own changes for the sync starts afresh (nothing by default: its item rows are
         compared whole at each export). One that reports the item rows it changes (``SyncBase.track``/``touch``)
-        has only those compared: on MovieLens-1M that took a sequence replica's export from 14 % of its time to
-        X % (docs/PERFORMANCE.md)."""
+        has only those read and compared: what keeps an export from copying whole tables at a large catalogue
+        (docs/PERFORMANCE.md, "What the sync costs")."""
 
     def export_shared(self, min_change: float = 0.0) -> SharedDelta:
         """This replica's own changes of the shared variables since the last export (after :meth:`start_sync`)."""
