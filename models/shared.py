@@ -91,9 +91,9 @@ class SharedDelta:
 
     def to_bytes(self) -> bytes:
         """Named arrays as the sync topic carries them (no pickles): ``#FSD1``, a line of JSON naming each array's
-        key, dtype and shape (padded to 8 bytes), then their bytes in that order, each padded to 8 bytes. The ids are their UTF-8
-        bytes and where each ends. Not compressed here (the sync topic's producer compresses with lz4, in
-        librdkafka's thread)."""
+        key, dtype and shape (padded to 8 bytes), then their bytes in that order, each padded to 8 bytes. The
+        ids are their UTF-8 bytes and where each ends. Not compressed here (the sync topic's producer compresses
+        with lz4, in librdkafka's thread)."""
         encoded = [i.encode() for i in self.ids]
         arrays = {"ids.utf8": np.frombuffer(b"".join(encoded), np.uint8),
                   "ids.ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
@@ -393,14 +393,14 @@ class ReplicaState:
     def begin(self, life: tuple[int, int], now_ms: int) -> bytes:
         """Start ``life`` from the deltas sent so far; returns the marker that tells the others so."""
         self.life, self.base = tuple(life), self.sent
-        return self._text(self.sent, now_ms, 0, 0, b"")
+        return self._record(self.sent, now_ms, 0, 0, b"")
 
     def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> bytes:
         """The next delta of this replica as a sync record (numbered in sequence from 1)."""
         self.sent += 1
-        return self._text(self.sent, now_ms, upto, upto if progress is None else progress, delta)
+        return self._record(self.sent, now_ms, upto, upto if progress is None else progress, delta)
 
-    def _text(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> bytes:
+    def _record(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> bytes:
         return (f"{self.run} {self.own} {seq} {int(now_ms)} {int(upto)} {int(progress)} "
                 f"{self.life[0]}.{self.life[1]} {self.base} ").encode() + delta
 
