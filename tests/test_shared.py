@@ -122,17 +122,19 @@ def test_a_min_change_sends_fewer_rows_keeps_the_replicas_close_and_loses_nothin
     assert_same_shared(*close)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("max_items", [1000, 8])
 @pytest.mark.parametrize("min_change", [0.0, 2e-3])
-def test_an_export_of_the_rows_learning_changed_is_the_export_of_a_whole_compare(min_change, max_items):
-    """The sequence model reports the rows its steps change, and an export compares only those (and what it held
-    back): each export sends exactly the bytes that comparing every row sends, also while items are evicted."""
+def test_an_export_of_the_rows_learning_changed_is_the_export_of_a_whole_compare(kind, min_change, max_items):
+    """A model reports the rows its steps change, and an export compares only those (and what it held back):
+    each export sends exactly the bytes that comparing every row sends, also while items are evicted."""
     windows = random_windows(7, n_windows=24, n_users=20, n_items=40)
     pairs = []
     for tracked in (True, False):
-        models = [build("sequence", max_items=max_items), build("sequence", max_items=max_items)]
+        models = [build(kind, max_items=max_items), build(kind, max_items=max_items)]
         for m in models:
             m.start_sync()
+            assert m._sync.dirty                # the model reports its changed rows
             if not tracked:
                 m._sync.dirty.clear()       # untracked: every row is read and compared
         pairs.append(models)
