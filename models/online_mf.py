@@ -46,6 +46,7 @@ from freshet.models.xla_blocks import (PAIR_BLOCKS, XLA_EXCL, XLA_EXCL_PAD, XLA_
 
 
 INIT_STD = 0.1     # user and item vectors start at N(0, INIT_STD), drawn from the seed and the id
+ITEM_SIDE = ("item_emb", "item_bias")    # the shared variables a step changes at its items' and negatives' rows
 
 
 class _Steps(NamedTuple):
@@ -108,6 +109,15 @@ class OnlineMF(TableModel):
         """User rows are the user's own; item rows and biases are shared."""
         return [Var("user_emb", self._U, "users", 0.0, INIT_STD), Var("item_emb", self._V, "items", 0.0, INIT_STD),
                 Var("item_bias", self._b, "items")]
+
+    def _sync_started(self) -> None:
+        self._sync.track(ITEM_SIDE)
+
+    def _note_changed(self, items: np.ndarray, negatives: np.ndarray) -> None:
+        """The item rows steps change, for the next export: their positive items' and sampled negatives' (a
+        padded pair has weight 0: a zero gradient and no regularisation)."""
+        if self._sync is not None:
+            self._sync.touch(ITEM_SIDE, np.concatenate([np.ravel(items), np.ravel(negatives)]))
 
     def capacity(self) -> tuple[int, int]:
         return int(self._U.shape[0]), int(self._V.shape[0])
@@ -235,6 +245,7 @@ class OnlineMF(TableModel):
         if len(us) == 0:
             return StepStats(0.0, 0, time.perf_counter() - started)
         negs = self._sample_negatives(len(us))
+        self._note_changed(its, negs)
         with tf.device(self.device):
             loss = self._step(us, its, negs, ws)
         self.version += 1
@@ -300,8 +311,10 @@ class OnlineMF(TableModel):
         k_eff = min(k, int(self._V.shape[0]))
         cat = (lambda parts, dtype, shape: np.concatenate(parts).astype(dtype) if parts
                else np.zeros(shape, dtype))
+        items, negatives = cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives])
+        self._note_changed(items, negatives)
         values, indices = self._run_steps(_Steps(
-            cat(pu, np.int32, [0]), cat(pi, np.int32, [0]), cat(pn, np.int32, [0, self.cfg.negatives]),
+            cat(pu, np.int32, [0]), items, negatives,
             cat(pw, np.float32, [0]), np.asarray(pair_end, np.int32), np.asarray(rec_rows, np.int32),
             np.asarray(rec_known, np.float32), np.asarray(rec_end, np.int32), cat(excl_rec, np.int32, [0]),
             cat(excl_item, np.int32, [0]), np.asarray(excl_end, np.int32), np.asarray(visible, np.int32),

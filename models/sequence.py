@@ -22,7 +22,9 @@ logit equally; sampled copies of the positive are masked). One sparse Adagrad st
 touches only the gathered rows.
 
 Variables, and whom they belong to (what a parallel model needs to know): ``E_in``, ``E_out``, ``b``,
-``theta``, their Adagrad accumulators and the transition counts are **shared** (item rows); the **per-user** state is the history and
+``theta`` and the transition counts are **shared** (item rows); their Adagrad accumulators are each replica's
+own (**local**: a replica sizes its steps by its own gradients; synced as well until stop 34, they were 40 % of
+the sync's bytes and time for no better HR@10, docs/PERFORMANCE.md); the **per-user** state is the history and
 the seen-item set, which are data, not parameters: a user's list needs no per-user training.
 
 Tables grow as new items arrive (:class:`~freshet.models.id_table.IdTable`: admission, expiry and a
@@ -72,6 +74,9 @@ FLOAT16_MAX = 65504.0
 # MovieLens no step has more than 40), and its group blocks (a group: one increment's pairs, one context).
 BLOCKS = tuple(b for b in PAIR_BLOCKS if b <= 64)
 GROUP_BLOCKS = (1, 2, 4, 16, BLOCKS[-1])
+# The item-row variables a step changes at its contexts' rows, and at its items' and negatives' rows.
+CONTEXT_SIDE = ("item_context_emb", "transitions_out")
+OUTPUT_SIDE = ("item_emb", "item_bias")
 
 
 class _Work(NamedTuple):
@@ -133,17 +138,24 @@ class SequenceModel(TableModel):
         names = ("adagrad_0", "adagrad_1", "adagrad_2")
         return [Var("item_context_emb", self.E_in, "items", 0.0, INIT_STD),
                 Var("item_emb", self.E_out, "items", 0.0, INIT_STD), Var("item_bias", self.b, "items"),
-                *(Var(n, a, "items", ADAGRAD_INIT) for n, a in zip(names, self.acc)),
+                *(Var(n, a, "items", ADAGRAD_INIT, local=True) for n, a in zip(names, self.acc)),
                 Var("transitions", self.T, "item_pairs"), Var("transitions_out", self.T_out, "items"),
-                Var("memory_weight", self.theta, "dense"), Var("adagrad_memory_weight", self.acc_theta, "dense")]
+                Var("memory_weight", self.theta, "dense"),
+                Var("adagrad_memory_weight", self.acc_theta, "dense", local=True)]
 
     def _sync_started(self) -> None:
         self._counted: list[np.ndarray] = []     # [2, n] (context row, item row) counted since the last export
+        self._sync.track(CONTEXT_SIDE + OUTPUT_SIDE)
 
-    def _note_counted(self, grp_r, grp_w, pair_grp, items, weights) -> None:
-        """Which count cells a step changes (as :meth:`_count` selects them), kept for the next export."""
+    def _note_changed(self, grp_r, grp_w, pair_grp, items, weights, neg) -> None:
+        """What steps change, kept for the next export: the item rows of their contexts (context side), of their
+        items and negatives (output side), and which count cells (as :meth:`_count` selects them). A row of a
+        context or a pair of weight 0 gets a zero gradient and count, so it does not change."""
         if self._sync is None or not len(items):
             return
+        context, output = grp_r[grp_w > 0], np.concatenate([items, np.asarray(neg).reshape(-1)])
+        self._sync.touch(CONTEXT_SIDE, context)
+        self._sync.touch(OUTPUT_SIDE, output)
         h = grp_r[pair_grp]
         i = np.broadcast_to(items[:, None], h.shape)
         ok = (grp_w[pair_grp] > 0) & (weights[:, None] > 0)     # rows past the memory: left out at the export
@@ -429,7 +441,7 @@ class SequenceModel(TableModel):
             return StepStats(0.0, 0, time.perf_counter() - started)
         neg = self._negatives([self.items.live_rows()])[0]
         grp_r, grp_w, pair_grp, items, weights = self._step_arrays(groups)
-        self._note_counted(grp_r, grp_w, pair_grp, items, weights)
+        self._note_changed(grp_r, grp_w, pair_grp, items, weights, neg)
         with tf.device(self.device):
             loss = self._train_fn(grp_r, grp_w, pair_grp, items, weights, neg)
         return StepStats(float(loss), len(items), time.perf_counter() - started)
@@ -512,11 +524,12 @@ class SequenceModel(TableModel):
         cat = lambda name, dtype: (np.concatenate(parts[name]).astype(dtype, copy=False) if parts[name]  # noqa: E731
                                    else np.zeros(0, dtype))
         grp_r, grp_w, pair_grp, items, weights = self._step_arrays(all_groups)
-        # The call's counted cells for the next export, noted once: rows stay put within a call (protect_from), and
-        # the export takes the set of cells, whatever order they were noted in
-        self._note_counted(grp_r, grp_w, pair_grp, items, weights)
+        negatives = self._negatives(parts["neg"])
+        # The call's changed rows and counted cells for the next export, noted once: rows stay put within a call
+        # (protect_from), and the export takes the set of them, whatever order they were noted in
+        self._note_changed(grp_r, grp_w, pair_grp, items, weights, negatives)
         work = _Work(grp_r, grp_w, np.asarray(grp_end, np.int32), pair_grp, items, weights, np.asarray(pair_end, np.int32),
-                     self._negatives(parts["neg"]),
+                     negatives,
                      stack("list_r", np.int32), stack("list_w", np.float32), np.asarray(rec_end, np.int32),
                      cat("excl_rec", np.int32), cat("excl_item", np.int32), np.asarray(excl_end, np.int32),
                      np.asarray(visible, np.int32))

@@ -34,23 +34,27 @@ import numpy as np
 SYNCED_KINDS = ("bpr", "sequence")
 ROWS_OF = ("items", "users")
 KINDS = ("items", "users", "dense", "item_pairs")
+DELTA_MAGIC = b"#FSD1"     # a delta's bytes (SharedDelta.to_bytes) begin with this ("#": never base64 text)
 
 
 class Var(NamedTuple):
     """One variable of a model: ``kind`` says whose it is (item rows, user rows, dense, item-pair counts).
 
     Rows of a table that no id holds have the value ``fill``; a row handed to an id starts at ``fill``,
-    or with ``std > 0`` at N(0, std) drawn from (seed, ``name``, id), the same on every replica.
+    or with ``std > 0`` at N(0, std) drawn from (seed, ``name``, id), the same on every replica. ``local``: item
+    rows or a dense tensor that each replica keeps to itself, never synced: an optimizer's state (Adagrad's
+    accumulators), so that each replica sizes its steps by the gradients it computes itself.
     """
     name: str
-    var: object            # a tf.Variable (models/ never needs more than .numpy() and the scatters)
+    var: object            # a tf.Variable (models/ never needs more than .numpy(), sparse_read and the scatters)
     kind: str
     fill: float = 0.0
     std: float = 0.0
+    local: bool = False
 
     @property
     def shared(self) -> bool:
-        return self.kind != "users"
+        return self.kind != "users" and not self.local
 
 
 def id_rows(seed: int, name: str, ids: Sequence[str], tail: Sequence[int], fill: float, std: float) -> np.ndarray:
@@ -86,8 +90,10 @@ class SharedDelta:
                 and not any(np.any(v) for v in self.dense.values()))
 
     def to_bytes(self) -> bytes:
-        """Named arrays in an ``.npz`` (no pickles), as the sync topic carries them: the ids as their UTF-8 bytes and
-        where each ends; not compressed here (the sync topic's producer compresses with lz4, in librdkafka's thread)."""
+        """Named arrays as the sync topic carries them (no pickles): ``#FSD1``, a line of JSON naming each array's
+        key, dtype and shape (padded to 8 bytes), then their bytes in that order, each padded to 8 bytes. The
+        ids are their UTF-8 bytes and where each ends. Not compressed here (the sync topic's producer compresses
+        with lz4, in librdkafka's thread)."""
         encoded = [i.encode() for i in self.ids]
         arrays = {"ids.utf8": np.frombuffer(b"".join(encoded), np.uint8),
                   "ids.ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
@@ -98,16 +104,19 @@ class SharedDelta:
         for name, (first, second, values) in self.pairs.items():
             arrays[f"pairs.{name}.first"], arrays[f"pairs.{name}.second"] = first, second
             arrays[f"pairs.{name}.values"] = values
-        buf = io.BytesIO()
-        # Deflated at level 1 until stop 27: zlib took 10 % of a p = 2 BPR replica's thread and its inflate 2.5 %
-        # (py-spy, ML-1M), a third of the sync's cost; ids as fixed-width unicode arrays (4 bytes a character) were
-        # most of what it saved.
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        # An .npz until stop 34: its zip members took 5x the time to write and read (a sequence replica's sync
+        # on ML-1M), and before that deflated (stop 27). Both are still read (deltas on the topic from before).
+        header = json.dumps([[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()], separators=(",", ":"))
+        header = header.encode() + b" " * (-(len(DELTA_MAGIC) + len(header) + 1) % 8)    # the arrays 8-aligned
+        parts = [DELTA_MAGIC, header, b"\n"]
+        for v in arrays.values():
+            parts += [v.tobytes(), b"\0" * (-v.nbytes % 8)]
+        return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SharedDelta":
-        """The delta :meth:`to_bytes` wrote.
+        """The delta :meth:`to_bytes` wrote (or an earlier version's ``.npz``, deflated or not).
 
         >>> d = SharedDelta(["a", "b"], {"E": (np.array([1]), np.ones((1, 2), np.float32))}, {"theta": np.ones(1)},
         ...                 {"T": (np.array([0]), np.array([1]), np.array([2.0], np.float32))})
@@ -117,24 +126,41 @@ class SharedDelta:
         []
         >>> SharedDelta.from_bytes(SharedDelta(["", "é\\nx", "z"], {}, {}).to_bytes()).ids
         ['', 'é\\nx', 'z']
+        >>> old = io.BytesIO(); np.savez(old, **{"ids": np.array(["a"]), "rows.E.at": np.array([0]),
+        ...                                      "rows.E.values": np.ones((1, 2), np.float32)})
+        >>> [SharedDelta.from_bytes(b).rows["E"][1].tolist() for b in (old.getvalue(), zlib.compress(old.getvalue()))]
+        [[[1.0, 1.0]], [[1.0, 1.0]]]
         """
+        if data.startswith(DELTA_MAGIC):
+            head_end = data.index(b"\n", len(DELTA_MAGIC))
+            z, offset = {}, head_end + 1
+            for key, dtype, shape in json.loads(data[len(DELTA_MAGIC):head_end]):
+                count = int(np.prod(shape, dtype=np.int64))
+                z[key] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+                size = count * np.dtype(dtype).itemsize
+                offset += size + -size % 8
+            return cls._from_arrays(z)
         if not data.startswith(b"PK"):      # deflated: written by an earlier version's job (on the sync topic still)
             data = zlib.decompress(data)
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if "ids.utf8" in z.files:
-                text, ends = z["ids.utf8"].tobytes(), z["ids.ends"].tolist()
-                out = cls([text[a:b].decode() for a, b in zip([0] + ends, ends)])
-            else:
-                out = cls([str(i) for i in z["ids"]])
-            for key in z.files:
-                part, _, rest = key.partition(".")
-                name, _, leaf = rest.rpartition(".") if part != "dense" else (rest, "", "")
-                if part == "rows" and leaf == "at":
-                    out.rows[name] = (z[key], z[f"rows.{name}.values"])
-                elif part == "dense":
-                    out.dense[name] = z[key]
-                elif part == "pairs" and leaf == "first":
-                    out.pairs[name] = (z[key], z[f"pairs.{name}.second"], z[f"pairs.{name}.values"])
+            return cls._from_arrays({key: z[key] for key in z.files})
+
+    @classmethod
+    def _from_arrays(cls, z: dict[str, np.ndarray]) -> "SharedDelta":
+        if "ids.utf8" in z:
+            text, ends = z["ids.utf8"].tobytes(), z["ids.ends"].tolist()
+            out = cls([text[a:b].decode() for a, b in zip([0] + ends, ends)])
+        else:
+            out = cls([str(i) for i in z["ids"]])
+        for key in z:
+            part, _, rest = key.partition(".")
+            name, _, leaf = rest.rpartition(".") if part != "dense" else (rest, "", "")
+            if part == "rows" and leaf == "at":
+                out.rows[name] = (z[key], z[f"rows.{name}.values"])
+            elif part == "dense":
+                out.dense[name] = z[key]
+            elif part == "pairs" and leaf == "first":
+                out.pairs[name] = (z[key], z[f"pairs.{name}.second"], z[f"pairs.{name}.values"])
         return out
 
 
@@ -148,6 +174,41 @@ class SyncBase:
 
     def __init__(self, variables: Sequence[tuple[Var, np.ndarray]]):
         self.base = {v.name: np.array(values, np.float32) for v, values in variables}
+        # Item-row variables whose changed rows the model reports (:meth:`touch`), each with a mask of its rows that
+        # may have changed since the last export (touched, or held back by it): an export reads and compares only
+        # those. The others are read and compared whole.
+        self.dirty: dict[str, np.ndarray] = {}
+
+    def track(self, names: Sequence[str]) -> None:
+        """From now on the model reports every row of the item-row variables ``names`` that it changes."""
+        for name in names:
+            self.dirty.setdefault(name, np.zeros(0, bool))
+
+    def touch(self, names: Sequence[str], rows) -> None:
+        """Rows of the variables ``names`` that may have changed since the last export (untracked ones: compared
+        whole anyway)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if not len(rows):
+            return
+        for name in names:
+            mask = self.dirty.get(name)
+            if mask is None:
+                continue
+            if len(mask) <= rows.max():
+                mask = self.dirty[name] = np.concatenate([mask, np.zeros(max(int(rows.max()) + 1, 2 * len(mask))
+                                                                         - len(mask), bool)])
+            mask[rows] = True
+
+    def read(self, v: Var) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """What :meth:`export` compares of the item-row variable ``v``: its values, or when it is tracked the rows
+        that may have changed since the last export and their values (read from the variable at those rows)."""
+        mask = self.dirty.get(v.name)
+        if mask is None:
+            return v.var.numpy()
+        rows = np.flatnonzero(mask[: int(v.var.shape[0])])
+        mask[:] = False
+        return rows, (v.var.sparse_read(rows).numpy() if len(rows) else
+                      np.zeros((0,) + tuple(v.var.shape[1:]), np.float32))
 
     def fit(self, v: Var, shape: Sequence[int]) -> np.ndarray:
         """The base of ``v``, grown as the variable grew to ``shape`` (pair counts as an ``[m, m]`` matrix)."""
@@ -168,14 +229,14 @@ class SyncBase:
                min_change: float = 0.0) -> SharedDelta:
         """This replica's updates since the last export, by item id (rows that no id holds are left out).
 
-        ``variables``: each shared variable with its current values; for pair counts, the (first, second)
-        item rows of the cells changed since the last export and their values now (the counts are items^2
-        floats: the model tracks what it counted rather than have them compared whole). ``min_change`` > 0: a
-        row of an item-row variable goes out only once one of its values moved more than that since it last
-        went out; the rest stays in the difference to the base, for a later export (counts and dense always go).
+        ``variables``: each shared variable with its current values (item rows: what :meth:`read` returns, all
+        of them or only the rows that may have changed); for pair counts, the (first, second) item rows of the
+        cells changed since the last export and their values now (the counts are items^2 floats: the model
+        tracks what it counted rather than have them compared whole). ``min_change`` > 0: a row of an item-row
+        variable goes out only once one of its values moved more than that since it last went out; the rest
+        stays in the difference to the base, for a later export (counts and dense always go).
         """
         n = len(row_ids)
-        held = np.asarray([r is not None for r in row_ids], bool)
         delta, changed, pairs = SharedDelta(), {}, {}
         for v, values in variables:
             if v.kind == "item_pairs":
@@ -188,20 +249,32 @@ class SyncBase:
                 moved = change != 0
                 pairs[v.name] = (first[moved].astype(np.int64), second[moved].astype(np.int64), change[moved])
                 continue
-            values = np.asarray(values, np.float32)
-            base = self.fit(v, values.shape)
             if v.kind == "dense":
+                values = np.asarray(values, np.float32)
+                base = self.fit(v, values.shape)
                 delta.dense[v.name] = values - base
                 self.base[v.name] = values.copy()
                 continue
-            change = np.abs(values[:n] - base[:n]).reshape(min(n, len(values)), -1)
-            rows = np.flatnonzero(np.any(change > min_change, axis=1))
-            changed[v.name] = (rows, values[rows] - base[rows])
-            base[rows] = values[rows]
-        ends = [r for r, _ in changed.values()] + [np.concatenate(p[:2]) for p in pairs.values()]
-        rows = np.unique(np.concatenate(ends + [np.zeros(0, np.int64)])).astype(np.int64)
-        rows = rows[rows < n]
-        rows = rows[held[rows]]                             # rows that no id holds are never sent
+            base = self.fit(v, v.var.shape)
+            if isinstance(values, tuple):          # the rows that may have changed (tracked), and their values
+                at, values = values
+                inside = at < n
+                at, values = at[inside], np.asarray(values, np.float32)[inside]
+            else:
+                values = np.asarray(values, np.float32)[:n]
+                at = np.arange(len(values))
+            change = np.abs(values - base[at]).reshape(len(at), int(np.prod(base.shape[1:], dtype=np.int64)))
+            out = np.any(change > min_change, axis=1)
+            if v.name in self.dirty:               # held back: compared again at the next export
+                self.touch([v.name], at[~out & np.any(change > 0, axis=1)])
+            rows, values = at[out], values[out]
+            changed[v.name] = (rows, values - base[rows])
+            base[rows] = values
+        sent = np.zeros(n, bool)                            # rows with a change that goes out (a mask: no sort)
+        for at in [r for r, _ in changed.values()] + [a for p in pairs.values() for a in p[:2]]:
+            sent[at[at < n]] = True
+        rows = np.flatnonzero(sent)
+        rows = rows[np.fromiter((row_ids[r] is not None for r in rows.tolist()), bool, len(rows))]  # no id: never sent
         position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
         position[rows] = np.arange(len(rows))
         delta.ids = [str(row_ids[r]) for r in rows.tolist()]
@@ -222,7 +295,9 @@ class SyncBase:
         base = self.fit(v, v.var.shape)
         if at is None:
             base += values
-        else:
+        elif len(np.unique(at)) == len(at):     # as a rule (a delta has each id once): 8x np.add.at's speed
+            base[at] += values
+        else:                                   # two ids on one row (evicted for the other while applying)
             np.add.at(base, at, values)
 
     def forget(self, v: Var, rows: Sequence[int]) -> None:
@@ -250,8 +325,9 @@ def parse_life(text: str) -> tuple[int, int]:
 
 
 class SyncRecord(NamedTuple):
-    """One delta of a replica as it travels on the sync topic, one text record:
-    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <life> <base> <base64 of the npz>``. ``run``: the
+    """One delta of a replica as it travels on the sync topic, one record: a line of text and the delta's bytes,
+    ``<run> <sender> <seq> <sent_at ms> <upto> <progress> <life> <base> <delta>`` (:meth:`SharedDelta.to_bytes`;
+    base64 text of an npz until stop 34, still read). ``run``: the
     exchange it belongs to (replicas started from scratch together share one); ``upto``: the last
     ``window_end`` the sender had learned, so the delta holds events before it only; ``progress``: the sender
     has learned every window of its own that ends before it (its watermark, for the last call of a timer);
@@ -266,20 +342,24 @@ class SyncRecord(NamedTuple):
     progress: int
     life: tuple[int, int]
     base: int
-    text: str
+    data: bytes
 
     @classmethod
-    def parse(cls, text: str) -> "SyncRecord":
-        run, sender, seq, sent_at, upto, progress, life, base, _ = text.split(" ", 8)
-        return cls(run, int(sender), int(seq), int(sent_at), int(upto), int(progress), parse_life(life), int(base),
-                   text)
+    def parse(cls, data: bytes | str) -> "SyncRecord":
+        data = data.encode() if isinstance(data, str) else data
+        run, sender, seq, sent_at, upto, progress, life, base, _ = data.split(b" ", 8)
+        return cls(run.decode(), int(sender), int(seq), int(sent_at), int(upto), int(progress),
+                   parse_life(life.decode()), int(base), data)
 
     @property
     def marker(self) -> bool:
         return self.seq == self.base
 
     def payload(self) -> bytes:
-        return base64.b64decode(self.text.split(" ", 8)[8])
+        """The delta's bytes. Carried as they are since stop 34: base64 cost the sender and every reader 1-2 ms a
+        delta (ML-1M, sequence, p = 2) and a third more bytes; an earlier version's record holds base64 text."""
+        body = self.data.split(b" ", 8)[8]
+        return body if body.startswith(DELTA_MAGIC) else base64.b64decode(body)
 
 
 @dataclass
@@ -293,9 +373,11 @@ class ReplicaState:
     >>> r = ReplicaState(own=2, run="r1"); opening = SyncRecord.parse(r.begin((7, 1), 900))
     >>> opening.marker, opening.life, opening.base
     (True, (7, 1), 0)
-    >>> rec = SyncRecord.parse(r.record(b"npz", 1000, upto=60000))
+    >>> rec = SyncRecord.parse(r.record(DELTA_MAGIC + b" delta", 1000, upto=60000))
     >>> r.sent, rec.sender, rec.seq, rec.sent_at, rec.upto, rec.life, rec.base, rec.marker, rec.payload()
-    (1, 2, 1, 1000, 60000, (7, 1), 0, False, b'npz')
+    (1, 2, 1, 1000, 60000, (7, 1), 0, False, b'#FSD1 delta')
+    >>> SyncRecord.parse("r1 2 1 1000 60000 60000 7.1 0 " + base64.b64encode(b"PK old").decode()).payload()
+    b'PK old'
     >>> ReplicaState.from_text(r.to_text()).sent == r.sent
     True
     """
@@ -308,19 +390,19 @@ class ReplicaState:
     life: tuple[int, int] = (0, 0)
     base: int = 0
 
-    def begin(self, life: tuple[int, int], now_ms: int) -> str:
+    def begin(self, life: tuple[int, int], now_ms: int) -> bytes:
         """Start ``life`` from the deltas sent so far; returns the marker that tells the others so."""
         self.life, self.base = tuple(life), self.sent
-        return self._text(self.sent, now_ms, 0, 0, b"")
+        return self._record(self.sent, now_ms, 0, 0, b"")
 
-    def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> str:
+    def record(self, delta: bytes, now_ms: int, upto: int, progress: int | None = None) -> bytes:
         """The next delta of this replica as a sync record (numbered in sequence from 1)."""
         self.sent += 1
-        return self._text(self.sent, now_ms, upto, upto if progress is None else progress, delta)
+        return self._record(self.sent, now_ms, upto, upto if progress is None else progress, delta)
 
-    def _text(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> str:
+    def _record(self, seq: int, now_ms: int, upto: int, progress: int, delta: bytes) -> bytes:
         return (f"{self.run} {self.own} {seq} {int(now_ms)} {int(upto)} {int(progress)} "
-                f"{self.life[0]}.{self.life[1]} {self.base} {base64.b64encode(delta).decode('ascii')}")
+                f"{self.life[0]}.{self.life[1]} {self.base} ").encode() + delta
 
     def to_text(self) -> str:
         return json.dumps({"own": self.own, "run": self.run, "sent": self.sent, "unsent_events": self.unsent_events,
@@ -365,10 +447,10 @@ class SyncInbox:
         self.progress: dict[int, int] = {}     # sender -> the highest progress read of it in this life
         self.bases: dict[int, int] = {}        # sender -> the count it began this life (or a later one) with
 
-    def add(self, partition: int, offset: int, text: str) -> SyncRecord | None:
+    def add(self, partition: int, offset: int, record: bytes | str) -> SyncRecord | None:
         """Keep a record read at ``partition``/``offset`` (returned) unless it is not for this replica, a copy,
         a marker or void."""
-        rec = SyncRecord.parse(text)
+        rec = SyncRecord.parse(record)
         if rec.run != self.state.run or rec.sender == self.state.own:
             return None
         current = rec.life >= self.state.life
@@ -452,8 +534,8 @@ def seed_records(source: ReplicaState, positions: dict[int, int], model: bytes,
     return [f"seed {source.own} {source.life[0]}.{source.life[1]} {i} {len(parts)} {part}" for i, part in enumerate(parts)]
 
 
-def is_seed(text: str) -> bool:
-    return text.startswith("seed ")
+def is_seed(record: bytes | str) -> bool:
+    return record[:5] in (b"seed ", "seed ")
 
 
 class SeedParts:

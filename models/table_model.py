@@ -156,14 +156,18 @@ class TableModel(Recommender):
         self._sync_started()
 
     def _sync_started(self) -> None:
-        """A kind that tracks its own changes for the sync starts afresh (nothing by default)."""
+        """A kind that tracks its own changes for the sync starts afresh (nothing by default: its item rows are
+        compared whole at each export). One that reports the item rows it changes (``SyncBase.track``/``touch``)
+        has only those read and compared: what keeps an export from copying whole tables at a large catalogue
+        (docs/PERFORMANCE.md, "What the sync costs")."""
 
     def export_shared(self, min_change: float = 0.0) -> SharedDelta:
         """This replica's own changes of the shared variables since the last export (after :meth:`start_sync`)."""
         if self._sync is None:
             raise RuntimeError("export_shared before start_sync")
-        return self._sync.export([(v, self._changed_pairs(v) if v.kind == "item_pairs" else v.var.numpy())
-                                  for v in self.variables() if v.shared], self.items.ids, min_change)
+        read = {"item_pairs": self._changed_pairs, "items": self._sync.read, "dense": lambda v: v.var.numpy()}
+        return self._sync.export([(v, read[v.kind](v)) for v in self.variables() if v.shared], self.items.ids,
+                                 min_change)
 
     def _changed_pairs(self, v: Var) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For pair counts ``v``: the (first, second) item rows of every cell this replica changed since its last

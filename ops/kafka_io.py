@@ -266,10 +266,10 @@ class SyncFeed:
         self.next = dict(start)
         self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in sorted(start.items())])
 
-    def poll(self, timeout: float = 0.0) -> list[tuple[int, int, str]]:
-        """The records that arrived since the last poll, as (partition, offset, text); with ``timeout``, waits
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, int, bytes]]:
+        """The records that arrived since the last poll, as (partition, offset, value); with ``timeout``, waits
         that long for the first one."""
-        out: list[tuple[int, int, str]] = []
+        out: list[tuple[int, int, bytes]] = []
         while True:
             batch = self.consumer.consume(num_messages=500, timeout=timeout)
             for msg in batch:
@@ -277,7 +277,7 @@ class SyncFeed:
                     if msg.error().code() == -191:  # _PARTITION_EOF
                         continue
                     raise KafkaException(msg.error())
-                out.append((msg.partition(), msg.offset(), msg.value().decode("utf-8")))
+                out.append((msg.partition(), msg.offset(), msg.value()))
                 self.next[msg.partition()] = msg.offset() + 1
             if not batch:
                 return out
@@ -305,9 +305,10 @@ class SyncSender:
                                   "enable.idempotence": True, "linger.ms": 0, "log_level": 3,
                                   "compression.type": "lz4"})     # the deltas are not compressed (SharedDelta)
 
-    def send(self, key: str, value: str) -> None:
+    def send(self, key: str, value: bytes | str) -> None:
         report = DeliveryReport()
-        self.producer.produce(self.topic, key=key.encode(), value=value.encode(), on_delivery=report)
+        self.producer.produce(self.topic, key=key.encode(), value=value.encode() if isinstance(value, str) else value,
+                              on_delivery=report)
         if self.producer.flush(self.timeout_s) or report.failed:
             raise RuntimeError(f"a sync record did not reach {self.topic!r} on {self.servers} within "
                                f"{self.timeout_s:.0f}s ({report.first_error or 'not acknowledged'})")

@@ -655,13 +655,14 @@ class RecommendOnlineSynced(RecommendOnline):
 
     def _read_feed(self, timeout: float = 0.0) -> None:
         now = time.time() * 1000
-        for partition, offset, text in self.feed.poll(timeout):
-            if is_seed(text):
+        for partition, offset, record in self.feed.poll(timeout):
+            if is_seed(record):
+                text = record.decode() if isinstance(record, bytes) else record
                 if int(text.split(" ", 2)[1]) in self.seeds_here.values():
                     self.seed_parts.add(text)
                 continue
             for inbox in self.inboxes.values():
-                if (rec := inbox.add(partition, offset, text)) is not None:
+                if (rec := inbox.add(partition, offset, record)) is not None:
                     self.received += 1
                     self.arrival_lag_ms.append(now - rec.sent_at)
 
