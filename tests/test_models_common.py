@@ -1,5 +1,7 @@
 """One set of checks run against every model kind (River's ``checks``), then what is particular to the
 sequence model and the baselines. Fast: small random data, no JVM."""
+import os
+
 import numpy as np
 import pytest
 
@@ -79,6 +81,22 @@ def test_compiled_loop_gives_the_reference_loop_result(kind):
     assert key(got) == key(expected)
     np.testing.assert_allclose([s for w in got for s in w.rec.scores], [s for w in expected for s in w.rec.scores],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts the process's memory maps (Linux)")
+def test_compiled_programs_do_not_pile_up_memory_maps():
+    """XLA's thunk runtime maps ~380 regions per compiled program and keeps them: a process that compiles a few
+    hundred (a tune grid, this suite) crashed at the kernel's 65,530 maps (models/__init__.py picks the classic
+    runtime). Each model here compiles its own programs (a table grows: a new one)."""
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    windows = random_windows(3)
+    build("sequence").learn_windows(windows, 4, 5)          # TensorFlow's and XLA's own start-up maps
+    before = maps()
+    for kind in ("bpr", "sequence", "bpr", "sequence"):
+        build(kind).learn_windows(windows, 4, 5)
+    assert maps() - before < 4 * 100, "XLA_FLAGS: " + os.environ.get("XLA_FLAGS", "")
 
 
 # ---- the sequence model ---------------------------------------------------------------------------
