@@ -29,6 +29,7 @@ forget what it kept about them.
 """
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +94,15 @@ class IdTable:
 
     def get(self, key: str) -> int | None:
         return self.rows.get(key)
+
+    def find(self, keys: Sequence[str]) -> np.ndarray:
+        """The rows of ``keys`` as :meth:`get` gives them, 0 for ids without a row of their own (one dict lookup
+        each in C: a delta of another replica names ~1,000 items).
+
+        >>> t = IdTable(4); _ = t.lookup("a", 0, 0); t.find(["a", "zz", "a"]).tolist(), t.find([]).dtype
+        ([1, 0, 1], dtype('int64'))
+        """
+        return np.fromiter(map(self.rows.get, keys, repeat(self.FALLBACK)), np.int64, len(keys))
 
     def live_rows(self) -> np.ndarray:
         """Rows that hold an admitted id, ascending (cached until the table changes)."""

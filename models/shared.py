@@ -25,6 +25,8 @@ import io
 import json
 import zlib
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import is_not
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -92,11 +94,16 @@ class SharedDelta:
     def to_bytes(self) -> bytes:
         """Named arrays as the sync topic carries them (no pickles): ``#FSD1``, a line of JSON naming each array's
         key, dtype and shape (padded to 8 bytes), then their bytes in that order, each padded to 8 bytes. The
-        ids are their UTF-8 bytes and where each ends. Not compressed here (the sync topic's producer compresses
+        ids are their UTF-8 text, each followed by a NUL (one encode and one split for them all), or where an id
+        holds a NUL, their bytes and where each ends. Not compressed here (the sync topic's producer compresses
         with lz4, in librdkafka's thread)."""
-        encoded = [i.encode() for i in self.ids]
-        arrays = {"ids.utf8": np.frombuffer(b"".join(encoded), np.uint8),
-                  "ids.ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
+        text = "".join(i + "\0" for i in self.ids)
+        if text.count("\0") == len(self.ids):
+            arrays = {"ids.nul": np.frombuffer(text.encode(), np.uint8)}
+        else:
+            encoded = [i.encode() for i in self.ids]
+            arrays = {"ids.utf8": np.frombuffer(b"".join(encoded), np.uint8),
+                      "ids.ends": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
         for name, (at, values) in self.rows.items():
             arrays[f"rows.{name}.at"], arrays[f"rows.{name}.values"] = at, values
         for name, values in self.dense.items():
@@ -124,8 +131,8 @@ class SharedDelta:
         (['a', 'b'], [[1.0, 1.0]], [2.0], False)
         >>> SharedDelta.from_bytes(SharedDelta([], {}, {"theta": np.zeros(1)}).to_bytes()).ids
         []
-        >>> SharedDelta.from_bytes(SharedDelta(["", "é\\nx", "z"], {}, {}).to_bytes()).ids
-        ['', 'é\\nx', 'z']
+        >>> [SharedDelta.from_bytes(SharedDelta(ids, {}, {}).to_bytes()).ids for ids in (["", "é\\nx", "z"], ["a\\0b", ""])]
+        [['', 'é\\nx', 'z'], ['a\\x00b', '']]
         >>> old = io.BytesIO(); np.savez(old, **{"ids": np.array(["a"]), "rows.E.at": np.array([0]),
         ...                                      "rows.E.values": np.ones((1, 2), np.float32)})
         >>> [SharedDelta.from_bytes(b).rows["E"][1].tolist() for b in (old.getvalue(), zlib.compress(old.getvalue()))]
@@ -147,7 +154,9 @@ class SharedDelta:
 
     @classmethod
     def _from_arrays(cls, z: dict[str, np.ndarray]) -> "SharedDelta":
-        if "ids.utf8" in z:
+        if "ids.nul" in z:
+            out = cls(z["ids.nul"].tobytes().decode().split("\0")[:-1])
+        elif "ids.utf8" in z:
             text, ends = z["ids.utf8"].tobytes(), z["ids.ends"].tolist()
             out = cls([text[a:b].decode() for a, b in zip([0] + ends, ends)])
         else:
@@ -274,10 +283,11 @@ class SyncBase:
         for at in [r for r, _ in changed.values()] + [a for p in pairs.values() for a in p[:2]]:
             sent[at[at < n]] = True
         rows = np.flatnonzero(sent)
-        rows = rows[np.fromiter((row_ids[r] is not None for r in rows.tolist()), bool, len(rows))]  # no id: never sent
+        ids = list(map(row_ids.__getitem__, rows.tolist()))             # (maps and compress: loops in C)
+        held = np.fromiter(map(is_not, ids, repeat(None)), bool, len(ids))
+        rows, delta.ids = rows[held], list(compress(ids, held))         # a row that no id holds is never sent
         position = np.full(n, -1, np.int64)                 # item row -> its place in delta.ids
         position[rows] = np.arange(len(rows))
-        delta.ids = [str(row_ids[r]) for r in rows.tolist()]
         for name, (at, change) in changed.items():
             keep = position[at] >= 0
             delta.rows[name] = (position[at[keep]].astype(np.int32), change[keep])
@@ -289,13 +299,13 @@ class SyncBase:
                                  change[keep])
         return delta
 
-    def received(self, v: Var, at: np.ndarray | None, values: np.ndarray) -> None:
+    def received(self, v: Var, at: np.ndarray | None, values: np.ndarray, distinct: bool = False) -> None:
         """Another replica's change ``values`` was added to ``v`` at ``at`` (rows; flat cells for pair counts;
-        ``None`` for a dense variable)."""
+        ``None`` for a dense variable). ``distinct``: the caller knows ``at`` has no row twice."""
         base = self.fit(v, v.var.shape)
         if at is None:
             base += values
-        elif len(np.unique(at)) == len(at):     # as a rule (a delta has each id once): 8x np.add.at's speed
+        elif distinct or len(np.unique(at)) == len(at):     # as a rule (a delta has each id once): 8x np.add.at's speed
             base[at] += values
         else:                                   # two ids on one row (evicted for the other while applying)
             np.add.at(base, at, values)
