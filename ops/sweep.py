@@ -121,6 +121,8 @@ def run_at(cfg: Config, p: int, df: pd.DataFrame, workdir: Path, log=print, time
         "sync_lag_ms_mean": round(sum(m["sync_lag_ms_mean"] for m in lags) / len(lags), 1) if lags else None,
         "sync_lag_ms_max": max((m["sync_lag_ms_max"] for m in lags), default=None),
         "sync_wait_s": [m.get("sync_wait_s") for m in ends] if p > 1 else None,
+        "sync_apply_cpu_s": [m.get("sync_apply_cpu_s") for m in ends] if p > 1 else None,
+        "sync_send_cpu_s": [m.get("sync_send_cpu_s") for m in ends] if p > 1 else None,
         "projected_events_per_s": round(len(df) / max(tm_cpu), 1) if max(tm_cpu) else None,
     })
     return out
@@ -196,6 +198,9 @@ def markdown(report: dict) -> str:
     >>> r.update(model_cpu_ms_per_1k_events_after_startup=305.0, model_startup_cpu_s=[8.0])
     >>> "| 385 | 305 (8.0) | 38.5 (0.0) |" in markdown(rep)
     True
+    >>> rep["runs"]["2"] = {**r, "parallelism": 2, "sync_apply_cpu_s": [3.0, 2.5], "sync_send_cpu_s": [1.0, 1.5]}
+    >>> [line[-61:] for line in markdown(rep).splitlines() if line.startswith("The sync's CPU")]
+    ['p = 2: 3.0 + 1.0 s, 2.5 + 1.5 s (80 ms per 1k events, summed)']
     """
     m, c, runs = report["machine"], report["config"], report["runs"]
     one = runs.get("1")
@@ -231,6 +236,14 @@ def markdown(report: dict) -> str:
             f"model-call wall s per 1k events {ratio(r, one, 'model_ms_per_1k_events')}, "
             f"busiest subtask's model-call s {max(r['model_call_s']) / max(one['model_call_s']):.2f}× (1/p = {1 / int(p):.2f})"
             for p, r in runs.items() if p != "1" and one["model_ms_per_1k_events"] and max(one["model_call_s"]))]
+    synced = {p: r for p, r in runs.items() if r.get("sync_apply_cpu_s") and None not in r["sync_apply_cpu_s"]}
+    if synced:
+        lines += ["", "The sync's CPU per subtask, of the model operator's (its task thread in applying the others' "
+                  "deltas, reading them included, + in exporting and sending its own): " + "; ".join(
+                      f"p = {p}: " + ", ".join(f"{a:.1f} + {s:.1f} s" for a, s in zip(r["sync_apply_cpu_s"],
+                                                                                   r["sync_send_cpu_s"]))
+                      + f" ({sum(r['sync_apply_cpu_s'] + r['sync_send_cpu_s']) / report['events'] * 1e6:,.0f} ms per 1k events, "
+                      "summed)" for p, r in synced.items())]
     lines += ["", "Model-operator CPU: its task thread's CPU seconds (the threads it starts included) and, in "
               "brackets, its Kafka clients' (the sync topic's), from /proc; after start-up: less what its threads had "
               "used when it was ready for its first window (TensorFlow's import, the model's build and compile: fixed "

@@ -138,6 +138,8 @@ class Shard:
         self.sync_flushed = True                    # its last send sent every change (replica_sync_min_change)
         self.heartbeat: int | None = None           # its timer at the next window end after the watermark
         self.sync_wait_s = 0.0                      # waited for it since (re)start
+        self.sync_cpu_s = {"apply": 0.0, "send": 0.0}   # the task thread's CPU in applying others' deltas (reading
+                                                    # them included, waiting not) and in exporting and sending its own
         self.sync_wait_timeouts = 0
 
     def report_state(self) -> tuple:
@@ -675,12 +677,13 @@ class RecommendOnlineSynced(RecommendOnline):
         self._read_feed()
         if self.cfg.flink.replica_sync_wait_ms and shard.sync_target is not None:
             self._wait_for_others(shard)
-        now = time.time() * 1000
+        now, cpu = time.time() * 1000, time.thread_time()
         for rec in self.inboxes[shard.key].due(before=closed[0][0]):
             shard.model.apply_shared(SharedDelta.from_bytes(rec.payload()))
             self.sync_log.add(f"apply {shard.logged_calls} {rec.sender} {rec.seq}")
             shard.sync_applied += 1
             shard.sync_lag_ms.append(now - rec.sent_at)
+        shard.sync_cpu_s["apply"] += time.thread_time() - cpu
 
     def _calls(self, shard: Shard, closed) -> list:
         """With ``flink.replica_sync_events`` > 0, calls of at most about that many events (whole windows), so
@@ -744,16 +747,17 @@ class RecommendOnlineSynced(RecommendOnline):
         since it last went out; the rest waits in the difference to the sync base. A send before a snapshot
         (or a seed: ``flush``) sends every change, so that a snapshot's model is its sync base, as a restore
         assumes."""
+        cpu = time.thread_time()
         min_change = 0.0 if flush or self._snapshot_due(shard) else self.cfg.flink.replica_sync_min_change
         self.sync_log.add(f"send {shard.logged_calls} {min_change!r}" if min_change else f"send {shard.logged_calls}")
         shard.sync.unsent_events = 0
         delta = self._export(shard, min_change)
-        if not self._sends(delta):
-            return
-        shard.sync_target = progress
-        record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=upto, progress=progress)
-        shard.sync_bytes += len(record)
-        self.sender.send(str(shard.key), record)
+        if self._sends(delta):
+            shard.sync_target = progress
+            record = shard.sync.record(delta.to_bytes(), time.time() * 1000, upto=upto, progress=progress)
+            shard.sync_bytes += len(record)
+            self.sender.send(str(shard.key), record)
+        shard.sync_cpu_s["send"] += time.thread_time() - cpu
 
     def _arm(self, shard: Shard, ctx, window_end: int | None = None) -> None:
         """Also, after a timer, while others may wait for this replica's progress, a timer at the next window end
@@ -793,4 +797,6 @@ class RecommendOnlineSynced(RecommendOnline):
                 "sync_lag_ms_max": round(max(lag), 1) if lag else None,
                 "sync_received": self.received, "sync_arrival_lag_ms_max": round(max(arrived), 1) if arrived else None,
                 "sync_waiting": len(self.inboxes[shard.key].waiting),
-                "sync_wait_s": round(shard.sync_wait_s, 2), "sync_wait_timeouts": shard.sync_wait_timeouts}
+                "sync_wait_s": round(shard.sync_wait_s, 2), "sync_wait_timeouts": shard.sync_wait_timeouts,
+                "sync_apply_cpu_s": round(shard.sync_cpu_s["apply"], 2),
+                "sync_send_cpu_s": round(shard.sync_cpu_s["send"], 2)}
