@@ -239,7 +239,7 @@ def markdown(report: dict) -> str:
     synced = {p: r for p, r in runs.items() if r.get("sync_apply_cpu_s") and None not in r["sync_apply_cpu_s"]}
     if synced:
         lines += ["", "The sync's CPU per subtask, of the model operator's (its task thread in applying the others' "
-                  "deltas, reading them included, + in exporting and sending its own): " + "; ".join(
+                  "deltas, parsing them included, + in exporting and sending its own): " + "; ".join(
                       f"p = {p}: " + ", ".join(f"{a:.1f} + {s:.1f} s" for a, s in zip(r["sync_apply_cpu_s"],
                                                                                    r["sync_send_cpu_s"]))
                       + f" ({sum(r['sync_apply_cpu_s'] + r['sync_send_cpu_s']) / report['events'] * 1e6:,.0f} ms per 1k events, "

@@ -138,7 +138,7 @@ class Shard:
         self.sync_flushed = True                    # its last send sent every change (replica_sync_min_change)
         self.heartbeat: int | None = None           # its timer at the next window end after the watermark
         self.sync_wait_s = 0.0                      # waited for it since (re)start
-        self.sync_cpu_s = {"apply": 0.0, "send": 0.0}   # the task thread's CPU in applying others' deltas (reading
+        self.sync_cpu_s = {"apply": 0.0, "send": 0.0}   # the task thread's CPU in applying others' deltas (parsing
                                                     # them included, waiting not) and in exporting and sending its own
         self.sync_wait_timeouts = 0
 
