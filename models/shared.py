@@ -97,7 +97,7 @@ class SharedDelta:
         ids are their UTF-8 text, each followed by a NUL (one encode and one split for them all), or where an id
         holds a NUL, their bytes and where each ends. Not compressed here (the sync topic's producer compresses
         with lz4, in librdkafka's thread)."""
-        text = "".join(i + "\0" for i in self.ids)
+        text = "\0".join(self.ids) + "\0" if self.ids else ""
         if text.count("\0") == len(self.ids):
             arrays = {"ids.nul": np.frombuffer(text.encode(), np.uint8)}
         else:
